@@ -1,0 +1,232 @@
+"""Partial credit from tau2's sub-checks, and sub-checks for episodes tau2 refuses to grade.
+
+tau2's task reward is a product of 0/1 checks, so a near miss and a total miss both score 0. The partial score is a
+weighted mean of the fractions of checks met, one fraction per component:
+
+| component       | RewardInfo field        | fraction                              | counts when basis has |
+|-----------------|-------------------------|---------------------------------------|-----------------------|
+| `env_assertion` | `env_assertions`        | assertions with `met`                 | ENV_ASSERTION         |
+| `action`        | `action_checks`         | expected actions with `action_match`  | ACTION                |
+| `communicate`   | `communicate_checks`    | checks with `met`                     | COMMUNICATE           |
+| `nl_assertion`  | `nl_assertions`         | assertions with `met`                 | NL_ASSERTION          |
+| `db`            | `db_check`              | 1.0 if `db_match` else 0.0            | DB                    |
+
+Weights (`PartialWeights`, default 1/1/1/1 and `db` 0) are renormalized over the components the episode actually
+has: telecom has no communicate checks, so the communicate weight dilutes nothing there. `db` defaults to 0 because
+the DB hash either matches or not, and where it is graded (airline, retail) a match is almost the success itself:
+it adds no gradation.
+
+Only checks tau2 grades count. tau2 fills `action_checks` for every task with expected actions, also when
+`reward_basis` lacks ACTION (94 of 114 telecom base tasks, every airline and retail task). Those checks are left out:
+- tau2 does not require them: the graded end state can be reached by other action sequences;
+- tau2's matcher ignores order and repetition and, for telecom's device fixes (`toggle_airplane_mode` and the like,
+  no arguments), matches on the name alone: a call that was undone later still matches, so paying for them pays the
+  "ask the user to toggle everything" behaviour, whose credit grows with the number of calls;
+- airline and retail expected actions include read-only look-ups (`get_reservation_details`) that grade nothing.
+Consequences: a success (every graded check met) always has partial 1.0; on telecom the partial score is the
+fraction of env assertions met (plus the transfer action on the 20 ACTION tasks), which still grades: leaving one
+gold action out of a telecom base task leaves 1 of 2 (or 1-2 of 3) assertions met in 332 of 516 cases. A
+RewardInfo without a `reward_basis` (unknown grading) counts every check it has.
+
+A component already met at the start of the episode (some telecom tasks assert the line stays without service)
+gives every attempt of that task the same credit; GRPO subtracts the group mean of one task's attempts, so such a
+constant never reaches the advantage.
+
+`checks_ignoring_termination` exists because tau2 returns reward 0 and no sub-checks at all for episodes that did not
+end with agent_stop / user_stop (tau2-bench issue #82): it re-runs tau2's own evaluator as if the episode had ended
+normally, so that a truncated episode's progress is still visible to the shaping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from tau2.data_model.simulation import RewardInfo, SimulationRun
+    from tau2.data_model.tasks import Task
+
+# Component name -> (RewardInfo list field, per-check flag, tau2 RewardType value).
+_LIST_COMPONENTS: dict[str, tuple[str, str, str]] = {
+    "env_assertion": ("env_assertions", "met", "ENV_ASSERTION"),
+    "action": ("action_checks", "action_match", "ACTION"),
+    "communicate": ("communicate_checks", "met", "COMMUNICATE"),
+    "nl_assertion": ("nl_assertions", "met", "NL_ASSERTION"),
+}
+_DB_BASIS = "DB"
+
+# Environment variable per weight field.
+WEIGHT_ENV_VARS: dict[str, str] = {
+    "env_assertion": "TAU2_PARTIAL_W_ENV",
+    "action": "TAU2_PARTIAL_W_ACTION",
+    "communicate": "TAU2_PARTIAL_W_COMMUNICATE",
+    "db": "TAU2_PARTIAL_W_DB",
+    "nl_assertion": "TAU2_PARTIAL_W_NL",
+}
+
+# Terminations tau2 grades; every other one gets reward 0 and no sub-checks.
+NORMAL_TERMINATIONS: frozenset[str] = frozenset({"agent_stop", "user_stop"})
+
+
+def env_float(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """A float from the environment; unset or empty -> default; anything else that is not a finite number -> error."""
+    env = os.environ if environ is None else environ
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r} must be a finite number")
+    return value
+
+
+def validation_error_message(error: ValidationError, env_names: Mapping[str, str]) -> str:
+    """One line per failing field, named by its environment variable."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        lines.append(f"{env_names.get(field, field)}: {item['msg']}")
+    return "; ".join(lines)
+
+
+class PartialWeights(BaseModel):
+    """Weight of each component in the partial score; renormalized over the components an episode has."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    env_assertion: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    action: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    communicate: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    db: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    nl_assertion: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PartialWeights:
+        """Read TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,DB,NL}; unset or empty keeps the default."""
+        defaults = cls()
+        values = {
+            field: env_float(var, getattr(defaults, field), environ) for field, var in WEIGHT_ENV_VARS.items()
+        }
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise ValueError(f"bad partial-credit weight: {validation_error_message(error, WEIGHT_ENV_VARS)}") from None
+
+
+def reward_info_dict(reward_info: Any) -> dict[str, Any] | None:
+    """A RewardInfo (model or its JSON dump) as a dict; anything else -> None. An unset reward_basis stays None."""
+    if reward_info is None:
+        return None
+    if isinstance(reward_info, Mapping):
+        return dict(reward_info)
+    dump = getattr(reward_info, "model_dump", None)
+    if dump is None:
+        return None
+    data = dump(mode="json")
+    # RewardInfo defaults reward_basis to [DB]; a basis nobody set is unknown, not DB.
+    if "reward_basis" not in getattr(reward_info, "model_fields_set", {"reward_basis"}):
+        data["reward_basis"] = None
+    return data
+
+
+def graded_basis(info: Mapping[str, Any]) -> set[str] | None:
+    """The reward_basis as upper-case names (enum values or strings); None when absent or not a list."""
+    basis = info.get("reward_basis")
+    if not isinstance(basis, (list, tuple)):
+        return None
+    return {str(getattr(item, "value", item)).upper() for item in basis}
+
+
+def _fraction_met(checks: Any, flag: str) -> float | None:
+    """Share of checks whose flag is True; a malformed entry counts as not met; no checks -> None."""
+    if not isinstance(checks, (list, tuple)) or not checks:
+        return None
+    met = sum(1 for check in checks if isinstance(check, Mapping) and check.get(flag) is True)
+    return met / len(checks)
+
+
+def partial_components(reward_info: Any) -> dict[str, float]:
+    """The fraction met per graded component present in the RewardInfo (see the module docstring)."""
+    info = reward_info_dict(reward_info)
+    if info is None:
+        return {}
+    basis = graded_basis(info)
+    components: dict[str, float] = {}
+    for name, (field, flag, basis_name) in _LIST_COMPONENTS.items():
+        if basis is not None and basis_name not in basis:
+            continue
+        fraction = _fraction_met(info.get(field), flag)
+        if fraction is not None:
+            components[name] = fraction
+    db_check = info.get("db_check")
+    if isinstance(db_check, Mapping) and (basis is None or _DB_BASIS in basis):
+        components["db"] = 1.0 if db_check.get("db_match") is True else 0.0
+    return components
+
+
+def compute_partial_score(
+    reward_info: dict[str, Any] | RewardInfo | None, weights: PartialWeights | None = None
+) -> tuple[float, dict[str, float]]:
+    """Weighted mean of the graded components' fractions, renormalized over those present.
+
+    Returns (score in [0, 1], {component: fraction}). No graded checks -> (0.0, {}); components present but all
+    weighted 0 -> (0.0, components).
+    """
+    weights = weights or PartialWeights()
+    components = partial_components(reward_info)
+    total_weight = sum(getattr(weights, name) for name in components)
+    if total_weight <= 0.0:
+        return 0.0, components
+    score = sum(getattr(weights, name) * fraction for name, fraction in components.items()) / total_weight
+    return min(1.0, max(0.0, score)), components
+
+
+def is_normal_termination(termination_reason: Any) -> bool:
+    """True for agent_stop / user_stop, given as tau2's enum, its value or its name (any case)."""
+    value = getattr(termination_reason, "value", termination_reason)
+    return str(value).strip().lower() in NORMAL_TERMINATIONS
+
+
+def checks_ignoring_termination(simulation: SimulationRun, task: Task, domain: str, solo_mode: bool) -> RewardInfo:
+    """tau2's full evaluation of a copy of the simulation marked agent_stop, for episodes tau2 refuses to grade.
+
+    Replays the trajectory on a fresh environment and runs env assertions, action checks and communicate checks
+    exactly as tau2's `evaluate_simulation(..., EvaluationType.ALL, ...)` does. Its `reward` is what the episode
+    would have scored had it ended normally; shaping uses only its sub-checks, never that reward. The original
+    termination reason goes to `info["termination_reason"]`. Never raises: a trajectory that cannot be replayed
+    gives reward 0, no checks and the error in `info["error"]`. CPU-bound (~16 ms): run it in a worker thread.
+    """
+    from rollout.tau2_setup import import_tau2  # noqa: PLC0415  (tau2 loads only where checks are computed)
+
+    import_tau2()
+    from tau2.data_model.simulation import RewardInfo, TerminationReason  # noqa: PLC0415
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation  # noqa: PLC0415
+
+    original = getattr(getattr(simulation, "termination_reason", None), "value", None)
+    basis = None
+    try:
+        criteria = task.evaluation_criteria
+        basis = list(criteria.reward_basis) if criteria is not None else None
+        as_if_stopped = simulation.model_copy(update={"termination_reason": TerminationReason.AGENT_STOP})
+        result = evaluate_simulation(as_if_stopped, task, EvaluationType.ALL, solo_mode=solo_mode, domain=domain)
+    except Exception as error:  # a malformed trajectory must not take the rollout down
+        return RewardInfo(
+            reward=0.0,
+            reward_basis=basis,
+            info={
+                "error": f"{type(error).__name__}: {error}"[:2000],
+                "termination_reason": original,
+                "note": "checks_ignoring_termination: trajectory could not be evaluated",
+            },
+        )
+    info = dict(result.info or {})
+    info["termination_reason"] = original
+    info["note"] = "checks computed as if the episode had ended with agent_stop"
+    return result.model_copy(update={"info": info})

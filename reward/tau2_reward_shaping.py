@@ -1,0 +1,257 @@
+"""Shaped tau2 rewards and their GRPO group normalization, as slime's custom reward post-process.
+
+    --custom-reward-post-process-path reward.tau2_reward_shaping.tau2_reward_post_process
+
+What the rollout puts on each sample (the contract this module reads):
+- `sample.reward`: tau2's task reward (float 0..1), or a dict holding it under `args.reward_key` (default "reward");
+  None on failed samples.
+- `sample.metadata["reward_info"]`: tau2's `RewardInfo.model_dump(mode="json")` for the episode (tau2's verdict).
+- `sample.metadata["termination_reason"]`: tau2's TerminationReason value ("agent_stop", "user_stop", "max_steps",
+  "too_many_errors", "agent_error", "user_error", ...).
+- `sample.metadata["truncated_checks"]`: for episodes that did not end with agent_stop / user_stop, the RewardInfo
+  dump from `reward.partial_credit.checks_ignoring_termination` (tau2 gives those reward 0 and no sub-checks);
+  None otherwise.
+- `sample.metadata["turns"]` (policy turns), `["tool_calls"]` (agent tool calls), `["tool_errors"]`, `["task_id"]`,
+  `["domain"]`, `["subtask"]`.
+
+Shaping: `shaped = success + alpha * partial`, where
+- `success` is 1.0 when tau2's reward is >= 1 - 1e-6 (tau2's own success threshold) and 0.0 otherwise, NaN and
+  None included. tau2's reward is a product of 0/1 checks, so this loses nothing on its domains, and it is what makes
+  the ordering below hold for any input;
+- `partial = max(0, score * d - turn_penalty * turns)`, `score` from `compute_partial_score` on `reward_info`
+  (normal end) or on `truncated_checks` (any other end, falling back to `reward_info`), `d = truncation_discount`
+  for those and 1 otherwise, `turns` the policy turns (garbage or negative -> 0).
+
+Guarantees, for every input (asserted in `shape_reward`, tested with hypothesis):
+- Bounds: partial in [0, 1] (a clamped weighted mean times d <= 1, minus a non-negative penalty, floored at 0), so
+  shaped in [0, 1 + alpha].
+- Any success scores strictly above any failure: success >= 1 + alpha * 0 = 1, failure <= 0 + alpha * 1 = alpha, and
+  alpha < 1 is enforced. This needs nothing of reward_info: a success whose partial is below 1 (odd weights, a
+  turn penalty, a RewardInfo with unmet checks) still scores >= 1.
+- Partial credit never grows with turn or tool-call count: tool calls are not read at all, turns enter only through
+  the non-negative penalty. The checks themselves cannot be farmed either: each is a fraction of a fixed list,
+  and the action checks tau2 does not grade (telecom's name-only device fixes) are not counted.
+
+Defaults:
+- `alpha = 0.5`: a failure can earn at most half the success bonus, so the best near miss stays 0.5 below any
+  success and a mixed group still ranks every success first; a smaller alpha would shrink the near-miss/total-miss
+  spread that lets all-fail groups learn (under std normalization alpha cancels out there), a larger one narrows
+  the success margin.
+- `truncation_discount = 0.5`: a truncated episode (max_steps, too_many_errors, errors) keeps half of its progress.
+  At 1 a policy that never ends the conversation would earn what a properly ended one earns (the looping failure
+  mode); at 0 truncated episodes get tau2's flat zero and no gradient toward progress.
+- `turn_penalty = 0.0`: off; turn count is already not rewarded. Raising it favours shorter successes and never
+  breaks the success/failure ordering because it only lowers the partial term.
+Environment: TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,
+DB,NL}; unset or empty keeps the default, anything else invalid raises a ValueError naming the variable. Set them in
+the Ray job's runtime-env env_vars: Ray workers do not inherit the shell's environment.
+
+Normalization (slime skips its own when a custom post-process is given):
+- groups by `sample.group_index`, never by reshaping the flat list;
+- a sample is invalid when `remove_sample` is True, its status is ABORTED or FAILED (compared by name, so slime
+  versions without FAILED work), or its reward is None / not a finite number; invalid samples get exactly 0.0 and stay
+  out of their group's mean and std;
+- `rewards_normalization` false: rewards = shaped (invalid -> 0.0), nothing subtracted;
+- otherwise subtract the group mean; divide by (std + 1e-6) when `advantage_estimator` is grpo or gspo and
+  `grpo_std_normalization`. The std is the population std (ddof 0): it is defined for a group left with one valid
+  sample (advantage 0) and makes a normalized group's std exactly 1 whatever its size. slime's built-in uses
+  torch's unbiased std, larger by sqrt(n / (n - 1)): a constant per group size that only rescales advantages;
+- a group whose valid shaped rewards are all equal gets zeros, never NaN.
+
+Returns (raw_rewards, rewards): raw = shaped before normalization (0.0 for samples without a reward), rewards = the
+advantages. Each sample's metadata gets `raw_reward` (tau2's task reward, which slime logs as the raw reward: the
+honest success rate, 0.0 where there is none), `partial_score`, `partial_components`, `shaped_reward`, `advantage`
+and `reward_valid`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reward.partial_credit import (
+    WEIGHT_ENV_VARS,
+    PartialWeights,
+    compute_partial_score,
+    env_float,
+    is_normal_termination,
+    validation_error_message,
+)
+
+SUCCESS_THRESHOLD = 1.0 - 1e-6  # tau2's pass^k counts reward 1 +- 1e-6 as a success
+STD_EPS = 1e-6
+STD_NORMALIZED_ESTIMATORS = frozenset({"grpo", "gspo"})
+INVALID_STATUSES = frozenset({"aborted", "failed"})
+
+SHAPING_ENV_VARS: dict[str, str] = {
+    "alpha": "TAU2_REWARD_ALPHA",
+    "truncation_discount": "TAU2_TRUNCATION_DISCOUNT",
+    "turn_penalty": "TAU2_TURN_PENALTY",
+}
+
+
+class ShapingConfig(BaseModel):
+    """Settings of `shape_reward`; defaults justified in the module docstring."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(default=0.5, ge=0.0, lt=1.0, allow_inf_nan=False)  # < 1 keeps success > failure
+    truncation_discount: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    turn_penalty: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # per policy turn, on the partial term
+    weights: PartialWeights = Field(default_factory=PartialWeights)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ShapingConfig:
+        """Read TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY and the TAU2_PARTIAL_W_* weights."""
+        weights = PartialWeights.from_env(environ)
+        defaults = cls.model_fields
+        values = {field: env_float(var, defaults[field].default, environ) for field, var in SHAPING_ENV_VARS.items()}
+        try:
+            return cls(weights=weights, **values)
+        except ValidationError as error:
+            names = {**SHAPING_ENV_VARS, **WEIGHT_ENV_VARS}
+            raise ValueError(f"bad reward-shaping setting: {validation_error_message(error, names)}") from None
+
+
+def _finite_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)):
+        return None
+    result = float(value)
+    return result if math.isfinite(result) else None
+
+
+def _count(value: Any) -> int:
+    """A non-negative count from metadata; anything that is not a finite number counts as 0."""
+    number = _finite_float(value)
+    return max(0, int(number)) if number is not None else 0
+
+
+def is_success(task_reward: Any) -> bool:
+    reward = _finite_float(task_reward)
+    return reward is not None and reward >= SUCCESS_THRESHOLD
+
+
+def shape_reward(
+    sample_metadata: Mapping[str, Any] | None, task_reward: float | None, config: ShapingConfig | None = None
+) -> tuple[float, float, dict[str, float]]:
+    """(shaped, partial, components) for one episode; see the module docstring for the formula and its guarantees.
+
+    `partial` is the credit that entered `shaped` (after the truncation discount and turn penalty); `components`
+    are the raw fractions of the RewardInfo it came from.
+    """
+    config = config or ShapingConfig()
+    metadata = sample_metadata if isinstance(sample_metadata, Mapping) else {}
+    reward_info = metadata.get("reward_info")
+    discount = 1.0
+    termination = metadata.get("termination_reason")
+    if termination is not None and not is_normal_termination(termination):
+        discount = config.truncation_discount
+        truncated_checks = metadata.get("truncated_checks")
+        if truncated_checks is not None:
+            reward_info = truncated_checks
+    score, components = compute_partial_score(reward_info, config.weights)
+    partial = max(0.0, score * discount - config.turn_penalty * _count(metadata.get("turns")))
+    success = 1.0 if is_success(task_reward) else 0.0
+    shaped = success + config.alpha * partial
+    assert 0.0 <= partial <= 1.0, partial
+    assert 0.0 <= shaped <= 1.0 + config.alpha, shaped
+    return shaped, partial, components
+
+
+def _status_name(status: Any) -> str:
+    return str(getattr(status, "name", status)).strip().lower()
+
+
+def task_reward_of(sample: Any, reward_key: str | None) -> float | None:
+    """tau2's task reward from `sample.reward` (a dict is read at reward_key); None when missing or not finite."""
+    value = sample.reward
+    if isinstance(value, Mapping):
+        value = value.get(reward_key or "reward")
+    return _finite_float(value)
+
+
+def is_valid_sample(sample: Any, task_reward: float | None) -> bool:
+    if getattr(sample, "remove_sample", False):
+        return False
+    if _status_name(getattr(sample, "status", None)) in INVALID_STATUSES:
+        return False
+    return task_reward is not None
+
+
+def group_keys(samples: Sequence[Any], n_samples_per_prompt: int) -> list[tuple[str, Any]]:
+    """One group key per sample: its group_index, else (no group_index) its contiguous chunk of n samples."""
+    n = max(1, n_samples_per_prompt)
+    keys: list[tuple[str, Any]] = []
+    for position, sample in enumerate(samples):
+        group_index = getattr(sample, "group_index", None)
+        # slime versions or callers that leave group_index unset still deliver a prompt's n samples contiguously.
+        keys.append(("group", group_index) if group_index is not None else ("chunk", position // n))
+    return keys
+
+
+def normalize_group(values: Sequence[float], divide_by_std: bool) -> list[float]:
+    """Subtract the mean and optionally divide by (population std + 1e-6); all-equal values give zeros."""
+    if not values:
+        return []
+    if max(values) == min(values):
+        return [0.0] * len(values)
+    mean = math.fsum(values) / len(values)
+    centered = [value - mean for value in values]
+    if not divide_by_std:
+        return centered
+    std = math.sqrt(math.fsum(c * c for c in centered) / len(centered))
+    return [c / (std + STD_EPS) for c in centered]
+
+
+def tau2_reward_post_process(args: Any, samples: Sequence[Any]) -> tuple[list[float], list[float]]:
+    """slime's custom reward post-process: (raw shaped rewards, group-normalized advantages), both len(samples)."""
+    config = ShapingConfig.from_env()
+    reward_key = getattr(args, "reward_key", None)
+    n_per_prompt = int(getattr(args, "n_samples_per_prompt", 1) or 1)
+    normalize = bool(getattr(args, "rewards_normalization", True))
+    divide_by_std = (
+        str(getattr(args, "advantage_estimator", "")).lower() in STD_NORMALIZED_ESTIMATORS
+        and bool(getattr(args, "grpo_std_normalization", False))
+    )
+
+    raw_rewards: list[float] = []
+    valid: list[bool] = []
+    for sample in samples:
+        if getattr(sample, "metadata", None) is None:
+            sample.metadata = {}
+        metadata = sample.metadata
+        task_reward = task_reward_of(sample, reward_key)
+        ok = is_valid_sample(sample, task_reward)
+        if task_reward is None:
+            shaped, partial, components = 0.0, 0.0, {}
+        else:
+            shaped, partial, components = shape_reward(metadata, task_reward, config)
+        metadata["raw_reward"] = task_reward if task_reward is not None else 0.0
+        metadata["partial_score"] = partial
+        metadata["partial_components"] = components
+        metadata["shaped_reward"] = shaped
+        metadata["reward_valid"] = ok
+        raw_rewards.append(shaped)
+        valid.append(ok)
+
+    rewards = [0.0] * len(samples)
+    if not normalize:
+        rewards = [shaped if ok else 0.0 for shaped, ok in zip(raw_rewards, valid, strict=True)]
+    else:
+        members: dict[tuple[str, Any], list[int]] = {}
+        for position, key in enumerate(group_keys(samples, n_per_prompt)):
+            if valid[position]:
+                members.setdefault(key, []).append(position)
+        for positions in members.values():
+            normalized = normalize_group([raw_rewards[p] for p in positions], divide_by_std)
+            for position, value in zip(positions, normalized, strict=True):
+                rewards[position] = value
+
+    for sample, advantage in zip(samples, rewards, strict=True):
+        sample.metadata["advantage"] = advantage
+    return raw_rewards, rewards

@@ -1,0 +1,680 @@
+"""The tau2 episode engine: one async loop that plays a task the way tau2's Orchestrator does.
+
+GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py) and SFT trace generation
+(examples/generate_sft_traces.py) all call `run_episode`; only the agent differs:
+- `TokenAgent`: the policy under training, token-in-token-out against sglang /generate or /v1/completions;
+- `ChatAgent`: a teacher model behind an OpenAI-compatible chat endpoint (or Gemini);
+- `ScriptedAgent`: the task's gold actions, no LLM.
+
+Semantics follow tau2/orchestrator/orchestrator.py: the fixed greeting, one step per routed message, max_steps and
+max_errors checked when the next recipient is not the environment, tool errors counted, user stop tokens, the agent
+seeing only its own messages, user text and its own tool results. Nothing here blocks the event loop: network calls
+are async, and CPU work above ~1 ms (environment construction, tau2's evaluator) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import traceback
+import uuid
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from rollout.policy_client import PolicyClient, PolicyServerError
+from rollout.tau2_setup import import_tau2
+from rollout.token_record import ChatRenderer, TokenRecord  # noqa: F401  (TokenRecord: re-exported)
+from rollout.tool_format import format_assistant_turn, parse_assistant_text
+
+import_tau2()
+
+from tau2.agent.llm_agent import (  # noqa: E402
+    AGENT_INSTRUCTION,
+    AGENT_SOLO_INSTRUCTION,
+    SYSTEM_PROMPT,
+    SYSTEM_PROMPT_SOLO,
+    LLMSoloAgent,
+)
+from tau2.data_model.message import (  # noqa: E402
+    AssistantMessage,
+    Message,
+    MultiToolMessage,
+    ToolCall,
+    ToolMessage,
+    UserMessage,
+)
+from tau2.data_model.simulation import RewardInfo, SimulationRun, TerminationReason  # noqa: E402
+from tau2.data_model.tasks import Task  # noqa: E402
+from tau2.environment.environment import Environment  # noqa: E402
+from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation  # noqa: E402
+from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE  # noqa: E402
+from tau2.user.user_simulator import UserSimulator  # noqa: E402
+from tau2.utils.utils import get_now  # noqa: E402
+
+Status = Literal["completed", "truncated", "aborted", "failed"]
+# Our termination reasons: tau2's, plus the token budget / turn cap of training and infrastructure outcomes.
+EXTRA_TERMINATIONS = ("max_tokens", "max_turns", "aborted", "infra_error", "timeout")
+NORMAL_TERMINATIONS = (TerminationReason.AGENT_STOP.value, TerminationReason.USER_STOP.value)
+SOLO_STOP_TOOL = LLMSoloAgent.STOP_FUNCTION_NAME
+SOLO_STOP_TOKEN = LLMSoloAgent.STOP_TOKEN
+
+COMPACT_POLICY_NOTE = (
+    "COMPACT POLICY (dry run only): the full domain policy is replaced by its first section so that a small model "
+    "with a short context can run; scores are not comparable with the full policy."
+)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as err:
+        raise ValueError(f"{name}={raw!r} is not an integer") from err
+
+
+class EpisodeConfig(BaseModel):
+    """How an episode is played. Defaults match tau2's CLI (max_steps 200, max_errors 10)."""
+
+    domain: str = "telecom"
+    solo_mode: bool = False
+    max_steps: int = Field(default=200, gt=0)
+    max_errors: int = Field(default=10, gt=0)
+    max_turns: int | None = Field(default=None, gt=0, description="cap on policy turns (None: only max_steps)")
+    max_tool_calls_per_turn: int | None = Field(default=None, gt=0, description="None: parallel calls allowed")
+    policy_variant: Literal["full", "compact"] = "full"
+    evaluate: bool = True
+    episode_timeout_s: float | None = Field(default=None, gt=0)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> EpisodeConfig:
+        """TAU2_DOMAIN, TAU2_SOLO_MODE, TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOOL_CALLS_PER_TURN,
+        TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S; keyword overrides win."""
+        values: dict[str, Any] = {}
+        if os.environ.get("TAU2_DOMAIN"):
+            values["domain"] = os.environ["TAU2_DOMAIN"]
+        if os.environ.get("TAU2_SOLO_MODE"):
+            values["solo_mode"] = os.environ["TAU2_SOLO_MODE"].strip().lower() in ("1", "true", "yes")
+        for key, var in (
+            ("max_steps", "TAU2_MAX_STEPS"),
+            ("max_errors", "TAU2_MAX_ERRORS"),
+            ("max_turns", "TAU2_MAX_TURNS"),
+            ("max_tool_calls_per_turn", "TAU2_MAX_TOOL_CALLS_PER_TURN"),
+        ):
+            value = _env_int(var, None)
+            if value is not None:
+                values[key] = value
+        if os.environ.get("TAU2_POLICY_VARIANT"):
+            values["policy_variant"] = os.environ["TAU2_POLICY_VARIANT"]
+        if os.environ.get("TAU2_EPISODE_TIMEOUT_S"):
+            values["episode_timeout_s"] = float(os.environ["TAU2_EPISODE_TIMEOUT_S"])
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------- what the agent sees
+
+
+class TaskView(BaseModel):
+    """What a deployed agent is shown for a task: system prompt, tool schemas, and (dual mode) the greeting."""
+
+    system_prompt: str
+    tools: list[dict[str, Any]]
+    tool_names: list[str]
+    opening: list[dict[str, Any]]  # messages before the agent's first turn (the greeting in dual mode)
+
+
+def _compact(policy: str) -> str:
+    """First section of a policy markdown (up to the second top-level heading), for small-context dry runs."""
+    lines = policy.splitlines()
+    headings = [i for i, line in enumerate(lines) if line.startswith("# ") or line.startswith("## ")]
+    cut = headings[2] if len(headings) > 2 else min(len(lines), 40)
+    return "\n".join(lines[:cut]).strip()
+
+
+def build_environment(domain: str, task: Task, solo_mode: bool) -> Environment:
+    """A fresh environment in the task's initial state (CPU work, ~10 ms: call it in a worker thread)."""
+    registry = import_tau2()
+    constructor = registry.get_env_constructor(domain)
+    env = constructor(solo_mode=True) if solo_mode else constructor()
+    initial = task.initial_state
+    env.set_state(
+        initialization_data=initial.initialization_data if initial else None,
+        initialization_actions=initial.initialization_actions if initial else None,
+        message_history=[],
+    )
+    return env
+
+
+def user_tools_of(env: Environment) -> list[Any] | None:
+    """The user's device tools (telecom), or None for domains whose user has none."""
+    try:
+        return env.get_user_tools() if env.user_tools is not None else None
+    except Exception:  # tau2 raises when a domain has no user tools
+        return None
+
+
+async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
+    """Fresh environment (in a worker thread) and the agent's view of the task."""
+    env = await asyncio.to_thread(build_environment, config.domain, task, config.solo_mode)
+    return env, task_view(task, env, config)
+
+
+def _stop_tool_schema() -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": SOLO_STOP_TOOL,
+            "description": "Call this function when you are done with the task.",
+            "parameters": {"type": "object", "properties": {}, "required": []},
+        },
+    }
+
+
+def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
+    """tau2's own agent prompt (LLMAgent / LLMSoloAgent) and tools, so training matches deployment."""
+    policy = env.get_policy()
+    if config.policy_variant == "compact":
+        policy = f"{COMPACT_POLICY_NOTE}\n\n{_compact(policy)}"
+    tools = [tool.openai_schema for tool in env.get_tools()]
+    if config.solo_mode:
+        if task.ticket is None:
+            raise ValueError(f"task {task.id} has no ticket: it cannot be played in solo mode")
+        user_tools = env.get_user_tools() if env.user_tools else []
+        tools += [tool.openai_schema for tool in user_tools]
+        tools.append(_stop_tool_schema())
+        instruction = AGENT_SOLO_INSTRUCTION.format(stop_function_name=SOLO_STOP_TOOL, stop_token=SOLO_STOP_TOKEN)
+        system = SYSTEM_PROMPT_SOLO.format(agent_instruction=instruction, domain_policy=policy, ticket=task.ticket)
+        opening: list[dict[str, Any]] = []
+    else:
+        system = SYSTEM_PROMPT.format(domain_policy=policy, agent_instruction=AGENT_INSTRUCTION)
+        opening = [{"role": "assistant", "content": DEFAULT_FIRST_AGENT_MESSAGE.content}]
+    names = [tool["function"]["name"] for tool in tools]
+    return TaskView(system_prompt=system, tools=tools, tool_names=names, opening=opening)
+
+
+def assistant_to_openai(message: AssistantMessage) -> dict[str, Any]:
+    """Native OpenAI form (tool calls as `tool_calls`, arguments as a dict) as slime's SFT reader expects."""
+    out: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    return out
+
+
+def tool_to_openai(message: ToolMessage, name: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "tool", "tool_call_id": message.id, "content": message.content or ""}
+    if name:
+        out["name"] = name
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ the agents
+
+
+class AgentTurn(BaseModel):
+    """One agent turn: a routable message, or an error the agent is shown, or the end of its budget."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    message: AssistantMessage | None = None
+    error: str | None = None
+    raw_text: str = ""
+    finish_reason: Literal["stop", "length", "abort", "budget"] = "stop"
+    abort_message: str | None = None
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EpisodeAgent(Protocol):
+    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
+        """Produce the next turn after seeing `new_messages` (OpenAI-style user / tool messages)."""
+        ...
+
+
+def _message_from_calls(
+    content: str | None, calls: list[tuple[str, dict[str, Any]]], turn_index: int, raw: dict | None = None
+) -> AssistantMessage:
+    tool_calls = [
+        ToolCall(id=f"call_{turn_index}_{k}", name=name, arguments=arguments, requestor="assistant")
+        for k, (name, arguments) in enumerate(calls)
+    ]
+    return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None, raw_data=raw)
+
+
+class TokenAgent:
+    """The policy, token-in-token-out: sampled ids kept verbatim, everything else rendered by the chat template."""
+
+    def __init__(
+        self,
+        policy: PolicyClient,
+        tokenizer: Any,
+        view: TaskView,
+        sampling_params: dict[str, Any],
+        max_response_tokens: int,
+        max_context_tokens: int | None = None,
+        max_tool_calls_per_turn: int | None = None,
+    ) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.view = view
+        self.renderer = ChatRenderer(tokenizer, view.tools)
+        self.max_response_tokens = max_response_tokens
+        self.max_context_tokens = max_context_tokens
+        self.max_tool_calls_per_turn = max_tool_calls_per_turn
+        self.sampling_params = self._prepare_params(sampling_params)
+        self.record: TokenRecord | None = None
+        self._turn_closed = True
+
+    def _prepare_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in params.items() if v is not None}
+        stop_ids = list(out.get("stop_token_ids") or [])
+        for token_id in (self.renderer.end_of_turn_id, getattr(self.tokenizer, "eos_token_id", None)):
+            if token_id is not None and token_id not in stop_ids:
+                stop_ids.append(token_id)
+        out["stop_token_ids"] = stop_ids
+        out["no_stop_trim"] = True  # the end-of-turn token is sampled and must be trained: keep its id and log-prob
+        out["skip_special_tokens"] = False
+        out["spaces_between_special_tokens"] = False
+        return out
+
+    def _budget_left(self) -> int:
+        assert self.record is not None
+        left = self.max_response_tokens - self.record.response_length
+        if self.max_context_tokens is not None:
+            left = min(left, self.max_context_tokens - len(self.record.prompt_ids) - self.record.response_length)
+        return left
+
+    def _observe(self, new_messages: list[dict[str, Any]]) -> bool:
+        """Append template glue for the messages; False if it does not fit in the budget (then nothing is added)."""
+        if self.record is None:
+            opening = [{"role": "system", "content": self.view.system_prompt}, *self.view.opening, *new_messages]
+            self.record = TokenRecord(prompt_ids=self.renderer.prompt_ids(opening))
+            return True
+        text = self.renderer.continuation_text(new_messages, self._turn_closed)
+        ids = self.renderer.encode(text)
+        if len(ids) >= self._budget_left():  # no room left to sample even one token after it
+            return False
+        self.record.add_glue(ids, text)
+        return True
+
+    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
+        if not self._observe(new_messages) or self._budget_left() <= 0:
+            return AgentTurn(finish_reason="budget")
+        assert self.record is not None
+        params = dict(self.sampling_params, max_new_tokens=self._budget_left())
+        out = await self.policy.generate(self.record.all_ids, params)
+        if len(out.token_ids) > params["max_new_tokens"]:
+            out.token_ids, out.logprobs = out.token_ids[: params["max_new_tokens"]], out.logprobs[: params["max_new_tokens"]]
+        self.record.add_sampled(out.token_ids, out.logprobs)
+        closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
+        self._turn_closed = closed
+        body_ids = out.token_ids[:-1] if closed else out.token_ids
+        text = self.tokenizer.decode(body_ids, skip_special_tokens=False)
+        turn = AgentTurn(
+            raw_text=text,
+            finish_reason=out.finish_reason,
+            abort_message=out.abort_message,
+            latency_s=out.latency_s,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=len(out.token_ids),
+        )
+        if out.finish_reason == "abort":
+            return turn
+        if not closed:  # cut by the token budget mid-turn: the episode ends here
+            turn.finish_reason = "budget"
+            return turn
+        parsed = parse_assistant_text(text, None, self.max_tool_calls_per_turn)
+        if parsed.error:
+            turn.error = parsed.error
+            return turn
+        calls = [(call.name, call.arguments) for call in parsed.tool_calls]
+        turn.message = _message_from_calls(parsed.content, calls, turn_index)
+        return turn
+
+
+class ChatAgent:
+    """A teacher behind an OpenAI-compatible chat endpoint (or Gemini): text in, native tool calls out."""
+
+    def __init__(self, client: Any, view: TaskView, params: dict[str, Any] | None = None) -> None:
+        self.client = client
+        self.view = view
+        self.params = params or {}
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": view.system_prompt}, *view.opening]
+
+    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
+        for message in new_messages:
+            if message["role"] == "tool" and message.get("tool_call_id") == "invalid":
+                self.messages.append({"role": "user", "content": message["content"]})  # no call to answer
+            else:
+                self.messages.append(message)
+        reply = await self.client.complete(
+            self.messages, tools=self.view.tools, tool_choice="required" if self.params.get("solo") else "auto",
+            **{k: v for k, v in self.params.items() if k != "solo"},
+        )
+        calls = [(call.name, call.arguments) for call in reply.tool_calls]
+        turn = AgentTurn(
+            raw_text=format_assistant_turn(reply.content, [{"name": n, "arguments": a} for n, a in calls]),
+            latency_s=reply.latency_s,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
+        if not calls and not (reply.content or "").strip():
+            turn.error = "the message is empty: write a reply or make a tool call"
+            return turn
+        turn.message = _message_from_calls(reply.content, calls, turn_index)
+        self.messages.append(assistant_to_openai(turn.message))
+        return turn
+
+
+class ScriptedAgent:
+    """Plays a fixed list of turns (rollout.scripted.gold_agent_turns); no LLM."""
+
+    def __init__(self, turns: list[Any]) -> None:
+        self.turns = list(turns)
+
+    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
+        if turn_index >= len(self.turns):
+            return AgentTurn(finish_reason="budget")
+        step = self.turns[turn_index]
+        calls = [(call["name"], call.get("arguments") or {}) for call in step.tool_calls]
+        message = _message_from_calls(step.content, calls, turn_index)
+        raw = format_assistant_turn(step.content, step.tool_calls)
+        return AgentTurn(message=message, raw_text=raw)
+
+
+# ----------------------------------------------------------------------------------------------------- the episode
+
+
+class EpisodeResult(BaseModel):
+    model_config = {"arbitrary_types_allowed": True}
+
+    task_id: str
+    domain: str
+    solo_mode: bool
+    status: Status
+    termination_reason: str
+    reward: float | None = None
+    reward_info: dict[str, Any] | None = None
+    truncated_checks: dict[str, Any] | None = None
+    failure: str | None = None
+    messages: list[dict[str, Any]] = Field(default_factory=list, description="tau2 trajectory (model_dump json)")
+    agent_messages: list[dict[str, Any]] = Field(default_factory=list, description="what the agent saw, OpenAI form")
+    invalid_turns: list[dict[str, Any]] = Field(default_factory=list)
+    turns: int = 0
+    steps: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    policy_latency_s: float = 0.0
+    policy_prompt_tokens: int = 0
+    policy_completion_tokens: int = 0
+    user_latency_s: float = 0.0
+    user_prompt_tokens: int = 0
+    user_completion_tokens: int = 0
+    env_s: float = 0.0
+    eval_s: float = 0.0
+    wall_s: float = 0.0
+    record: Any = Field(default=None, exclude=True, description="TokenRecord of a TokenAgent, else None")
+
+    @property
+    def success(self) -> bool:
+        return self.reward is not None and abs(self.reward - 1.0) <= 1e-6
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the token record: what the evaluator and trace files store."""
+        return self.model_dump(mode="json")
+
+
+class _Episode:
+    """Mutable state of one episode (tau2's Orchestrator fields, plus what the engine measures)."""
+
+    def __init__(self, task: Task, config: EpisodeConfig) -> None:
+        self.task = task
+        self.config = config
+        self.trajectory: list[Message] = []
+        self.agent_view: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []
+        self.step_count = 0
+        self.num_errors = 0
+        self.turns = 0
+        self.tool_calls = 0
+        self.tool_errors = 0
+        self.invalid_turns: list[dict[str, Any]] = []
+        self.done = False
+        self.reason: str | None = None
+        self.status: Status = "completed"
+        self.failure: str | None = None
+        self.policy_latency = 0.0
+        self.policy_prompt_tokens = 0
+        self.policy_completion_tokens = 0
+        self.user_latency = 0.0
+        self.user_prompt_tokens = 0
+        self.user_completion_tokens = 0
+        self.env_s = 0.0
+
+
+def _to_agent(ep: _Episode, messages: list[dict[str, Any]]) -> None:
+    ep.pending.extend(messages)
+    ep.agent_view.extend(messages)
+
+
+def _run_tools(ep: _Episode, env: Environment, message: AssistantMessage | UserMessage) -> list[ToolMessage]:
+    started = time.perf_counter()
+    results = []
+    for call in message.tool_calls or []:
+        result = env.get_response(call)
+        if result.error:
+            ep.num_errors += 1
+            if call.requestor == "assistant":
+                ep.tool_errors += 1
+        results.append(result)
+    ep.env_s += time.perf_counter() - started
+    return results
+
+
+async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None, str]:
+    """One agent turn; returns (message, next recipient) or (None, 'stop') when the episode ends."""
+    turn = await agent.act(ep.pending, ep.turns)
+    ep.pending = []
+    ep.turns += 1
+    ep.policy_latency += turn.latency_s
+    ep.policy_prompt_tokens += turn.prompt_tokens
+    ep.policy_completion_tokens += turn.completion_tokens
+    if turn.finish_reason == "abort":
+        ep.status, ep.reason, ep.failure = "aborted", "aborted", turn.abort_message or "aborted by the policy server"
+        return None, "stop"
+    if turn.finish_reason == "budget":
+        ep.status, ep.reason = "truncated", "max_tokens"
+        return None, "stop"
+    if turn.error is not None:
+        # Malformed output touches neither environment nor user: the agent sees an error, tau2's trajectory does not.
+        ep.invalid_turns.append({"turn": ep.turns - 1, "error": turn.error, "text": turn.raw_text[:2000]})
+        ep.agent_view.append({"role": "assistant", "content": turn.raw_text, "invalid_turn": True})
+        ep.num_errors += 1
+        ep.step_count += 1  # the agent's message; the error observation is the step below
+        _to_agent(ep, [{"role": "tool", "tool_call_id": "invalid", "content": f"Error: {turn.error}"}])
+        return None, "agent"
+    message = turn.message
+    assert message is not None
+    if ep.config.solo_mode and message.tool_calls and any(c.name == SOLO_STOP_TOOL for c in message.tool_calls):
+        message.content, message.tool_calls = SOLO_STOP_TOKEN, None  # as tau2's LLMSoloAgent turns `done` into a stop
+    ep.trajectory.append(message)
+    ep.agent_view.append(assistant_to_openai(message))
+    if ep.config.solo_mode and LLMSoloAgent.is_stop(message):
+        ep.done, ep.reason = True, TerminationReason.AGENT_STOP.value
+        return message, "user"
+    if message.is_tool_call():
+        ep.tool_calls += len(message.tool_calls or [])
+        return message, "env"
+    if ep.config.solo_mode:  # a solo agent may only make tool calls
+        ep.done, ep.reason = True, TerminationReason.AGENT_ERROR.value
+    return message, "user"
+
+
+async def _play(
+    ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment
+) -> None:
+    config = ep.config
+    if config.solo_mode:
+        # tau2 solo: the agent's first turn happens during initialization and is not counted as a step.
+        message, to_role = await _agent_step(ep, agent)
+        if to_role == "stop":
+            return
+    else:
+        greeting = DEFAULT_FIRST_AGENT_MESSAGE.model_copy(deep=True)
+        greeting.timestamp = get_now()
+        ep.trajectory.append(greeting)
+        message, to_role = greeting, "user"
+    while not ep.done:
+        if to_role == "user":
+            if user is None:
+                raise RuntimeError("a message was routed to the user in solo mode")
+            reply = await user.respond(message)
+            user_message = reply.message
+            ep.user_latency += reply.latency_s
+            ep.user_prompt_tokens += reply.prompt_tokens
+            ep.user_completion_tokens += reply.completion_tokens
+            ep.trajectory.append(user_message)
+            if not user_message.is_tool_call() and UserSimulator.is_stop(user_message):
+                ep.done, ep.reason = True, TerminationReason.USER_STOP.value
+            message = user_message
+            if user_message.is_tool_call():
+                to_role = "env"
+            else:
+                to_role = "agent"
+                _to_agent(ep, [{"role": "user", "content": user_message.content or ""}])
+        elif to_role == "agent":
+            if config.max_turns is not None and ep.turns >= config.max_turns:
+                ep.status, ep.reason = "truncated", "max_turns"
+                return
+            agent_message, to_role = await _agent_step(ep, agent)
+            if to_role == "stop":
+                return
+            if agent_message is not None:
+                message = agent_message
+        elif to_role == "env":
+            results = _run_tools(ep, env, message)
+            ep.trajectory.extend(results)
+            requestor = "assistant" if isinstance(message, AssistantMessage) else "user"
+            names = [call.name for call in message.tool_calls or []]
+            message = results[0] if len(results) == 1 else MultiToolMessage(role="tool", tool_messages=results)
+            if requestor == "assistant":
+                to_role = "agent"
+                _to_agent(ep, [tool_to_openai(result, name) for result, name in zip(results, names)])
+            else:
+                to_role = "user"
+        ep.step_count += 1
+        env.sync_tools()
+        if to_role == "env":
+            continue
+        # As tau2: these checks run after every step that does not go to the environment, even after a stop.
+        if ep.step_count >= config.max_steps:
+            ep.done, ep.reason = True, TerminationReason.MAX_STEPS.value
+        if ep.num_errors >= config.max_errors:
+            ep.done, ep.reason = True, TerminationReason.TOO_MANY_ERRORS.value
+
+
+def _simulation(ep: _Episode, started_at: str, duration: float, reason: TerminationReason) -> SimulationRun:
+    messages = []
+    for i, msg in enumerate(ep.trajectory):
+        msg = msg.model_copy(deep=True)
+        msg.turn_idx = i
+        messages.append(msg)
+    return SimulationRun(
+        id=str(uuid.uuid4()),
+        task_id=ep.task.id,
+        start_time=started_at,
+        end_time=get_now(),
+        duration=duration,
+        termination_reason=reason,
+        reward_info=None,
+        messages=messages,
+    )
+
+
+def _evaluate(ep: _Episode, simulation: SimulationRun) -> tuple[RewardInfo, RewardInfo | None]:
+    """tau2's verdict, and for a truncated episode the checks tau2 skips (CPU work: run in a worker thread)."""
+    config = ep.config
+    info = evaluate_simulation(simulation, ep.task, EvaluationType.ALL, config.solo_mode, config.domain)
+    truncated = None
+    if simulation.termination_reason.value not in NORMAL_TERMINATIONS:
+        from reward.partial_credit import checks_ignoring_termination  # noqa: PLC0415
+
+        truncated = checks_ignoring_termination(simulation, ep.task, config.domain, config.solo_mode)
+    return info, truncated
+
+
+async def run_episode(
+    task: Task,
+    agent: EpisodeAgent,
+    user: Any | None,
+    config: EpisodeConfig,
+    env: Environment | None = None,
+) -> EpisodeResult:
+    """Play one task to the end and judge it with tau2's evaluator. Never raises for episode-level failures:
+    infrastructure errors (policy or user simulator down past retries, timeouts, bugs) come back as status 'failed'."""
+    started = time.perf_counter()
+    started_at = get_now()
+    ep = _Episode(task, config)
+    try:
+        if env is None:
+            env = await asyncio.to_thread(build_environment, config.domain, task, config.solo_mode)
+        play = _play(ep, agent, user, env)
+        if config.episode_timeout_s is not None:
+            await asyncio.wait_for(play, config.episode_timeout_s)
+        else:
+            await play
+    except asyncio.TimeoutError:
+        ep.status, ep.reason = "failed", "timeout"
+        ep.failure = f"episode exceeded {config.episode_timeout_s} s"
+    except Exception as err:  # servers down past retries, a tau2 error or a bug: never take down the batch
+        ep.status, ep.reason = "failed", "infra_error"
+        ep.failure = f"{type(err).__name__}: {err}"
+        if not isinstance(err, (PolicyServerError, ConnectionError)) and "Simulator" not in type(err).__name__:
+            ep.failure += "\n" + traceback.format_exc(limit=6)
+    reason = ep.reason or TerminationReason.MAX_STEPS.value
+    if ep.status == "completed" and reason not in NORMAL_TERMINATIONS:
+        ep.status = "truncated"
+    result = EpisodeResult(
+        task_id=task.id,
+        domain=config.domain,
+        solo_mode=config.solo_mode,
+        status=ep.status,
+        termination_reason=reason,
+        failure=ep.failure,
+        agent_messages=ep.agent_view,
+        invalid_turns=ep.invalid_turns,
+        turns=ep.turns,
+        steps=ep.step_count,
+        tool_calls=ep.tool_calls,
+        tool_errors=ep.tool_errors,
+        policy_latency_s=ep.policy_latency,
+        policy_prompt_tokens=ep.policy_prompt_tokens,
+        policy_completion_tokens=ep.policy_completion_tokens,
+        user_latency_s=ep.user_latency,
+        user_prompt_tokens=ep.user_prompt_tokens,
+        user_completion_tokens=ep.user_completion_tokens,
+        env_s=ep.env_s,
+        record=getattr(agent, "record", None),
+    )
+    tau2_reason = TerminationReason(reason) if reason in TerminationReason._value2member_map_ else TerminationReason.MAX_STEPS
+    simulation = _simulation(ep, started_at, time.perf_counter() - started, tau2_reason)
+    result.messages = [m.model_dump(mode="json") for m in simulation.messages]
+    if config.evaluate and ep.status != "failed":
+        eval_started = time.perf_counter()
+        try:
+            info, truncated = await asyncio.to_thread(_evaluate, ep, simulation)
+            result.reward = float(info.reward)
+            result.reward_info = info.model_dump(mode="json")
+            result.truncated_checks = truncated.model_dump(mode="json") if truncated is not None else None
+        except Exception as err:
+            result.status, result.failure = "failed", f"evaluation failed: {type(err).__name__}: {err}"
+        result.eval_s = time.perf_counter() - eval_started
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -1,0 +1,186 @@
+"""Token bookkeeping for one episode: the prompt, then sampled spans (trained) and template glue (not trained).
+
+Sampled ids are kept verbatim with their log-probs. Everything else (user turns, tool results, turn markers) is
+rendered by the model's own chat template and tokenized incrementally: the new messages are rendered after a small
+fixed anchor conversation and the anchor's rendering is cut off, so the cost grows with the new text, not the history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SpanKind = Literal["sampled", "glue"]
+
+# A fixed conversation whose rendering is a prefix of any continuation of it.
+_ANCHOR_SYSTEM = "S"
+_ANCHOR_USER = "U"
+_ANCHOR_ASSISTANT = "A"
+
+
+class ChatTemplateError(ValueError):
+    """The chat template does not render conversations incrementally (a continuation changes earlier text)."""
+
+
+class ChatRenderer:
+    """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
+
+    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.tools = tools or None
+        self._anchor = [
+            {"role": "system", "content": _ANCHOR_SYSTEM},
+            {"role": "user", "content": _ANCHOR_USER},
+            {"role": "assistant", "content": _ANCHOR_ASSISTANT},
+        ]
+        anchor_text = self.render(self._anchor, add_generation_prompt=False, with_tools=False)
+        marker = anchor_text.rfind(_ANCHOR_ASSISTANT)
+        tail = anchor_text[marker + len(_ANCHOR_ASSISTANT) :]
+        # tail = end-of-turn text + what follows it, e.g. "<|im_end|>" + "\n" for ChatML templates.
+        self.end_of_turn_text = tail.rstrip()
+        self.after_end_of_turn_text = tail[len(self.end_of_turn_text) :]
+        self._anchor_text = anchor_text
+        if not self.end_of_turn_text:
+            raise ChatTemplateError("the chat template writes no end-of-turn marker after an assistant message")
+        end_ids = self.encode(self.end_of_turn_text)
+        self.end_of_turn_id = end_ids[0] if len(end_ids) == 1 else None
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, with_tools: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tools=self.tools if with_tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The first prompt: the whole opening conversation with the generation prompt."""
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def continuation_text(self, new_messages: list[dict[str, Any]], sampled_turn_closed: bool) -> str:
+        """Text that follows a sampled assistant turn: its closing (if the model did not write it) and new turns."""
+        full = self.render(self._anchor + new_messages, add_generation_prompt=True, with_tools=False)
+        if not full.startswith(self._anchor_text):
+            raise ChatTemplateError(
+                "the chat template re-renders earlier turns when a message is added; "
+                "token-in-token-out needs a template whose rendering of a prefix is stable"
+            )
+        closing = self.after_end_of_turn_text if sampled_turn_closed else self.end_of_turn_text + self.after_end_of_turn_text
+        return closing + full[len(self._anchor_text) :]
+
+
+@dataclass
+class Span:
+    kind: SpanKind
+    start: int  # offset into the response ids
+    end: int
+    text: str | None = None  # glue: the rendered text its ids encode
+
+
+@dataclass
+class TokenRecord:
+    """prompt_ids + response (sampled and glue spans); `loss_mask` and `log_probs` align with the response."""
+
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def sampled_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    def add_sampled(self, token_ids: list[int], log_probs: list[float]) -> None:
+        if len(token_ids) != len(log_probs):
+            raise ValueError(f"{len(token_ids)} sampled ids but {len(log_probs)} log-probs")
+        start = len(self.response_ids)
+        self.response_ids.extend(token_ids)
+        self.loss_mask.extend([1] * len(token_ids))
+        self.log_probs.extend(float(x) for x in log_probs)
+        self.spans.append(Span("sampled", start, len(self.response_ids)))
+
+    def add_glue(self, token_ids: list[int], text: str | None = None) -> None:
+        start = len(self.response_ids)
+        self.response_ids.extend(token_ids)
+        self.loss_mask.extend([0] * len(token_ids))
+        self.log_probs.extend([0.0] * len(token_ids))
+        self.spans.append(Span("glue", start, len(self.response_ids), text))
+
+    def check(self) -> None:
+        """slime's invariants: one mask entry and one log-prob per response token."""
+        n = len(self.response_ids)
+        if len(self.loss_mask) != n or len(self.log_probs) != n:
+            raise AssertionError(f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}")
+
+
+def verify_record(record: TokenRecord, renderer: ChatRenderer, conversation: list[dict]) -> None:
+    """Check an episode's tokens against the chat template; raises AssertionError naming the first mismatch.
+
+    `conversation` is everything the agent saw (system, opening, then the agent's view), with assistant turns in
+    the order they were sampled. Checked: the prompt is the template's rendering of the opening conversation; every
+    sampled span is exactly the server's ids; every glue span re-encodes to itself and, together with the sampled
+    text, the whole sequence decodes to the template's rendering of the conversation (assistant turns as sampled).
+    """
+    record.check()
+    tok = renderer.tokenizer
+    sampled = [s for s in record.spans if s.kind == "sampled"]
+    assistant_turns = [m for m in conversation if m["role"] == "assistant"]
+    first_sampled = next(i for i, m in enumerate(conversation) if m["role"] == "assistant" and i >= _first_agent_turn(conversation))
+    opening = conversation[:first_sampled]
+    prompt_text = renderer.render(opening, add_generation_prompt=True)
+    if renderer.encode(prompt_text) != record.prompt_ids:
+        raise AssertionError("prompt ids differ from the chat template's rendering of the opening conversation")
+    rebuilt = list(opening)
+    k = 0
+    for message in conversation[first_sampled:]:
+        if message["role"] == "assistant":
+            span = sampled[k]
+            ids = record.response_ids[span.start : span.end]
+            closed = bool(ids) and ids[-1] == renderer.end_of_turn_id
+            rebuilt.append({"role": "assistant", "content": tok.decode(ids[:-1] if closed else ids, skip_special_tokens=False)})
+            k += 1
+        else:
+            rebuilt.append(message)
+    if k != len(sampled):
+        raise AssertionError(f"{len(sampled)} sampled spans but {k} assistant turns in the conversation")
+    ends_with_agent = rebuilt[-1]["role"] == "assistant"
+    expected = renderer.render(rebuilt, add_generation_prompt=not ends_with_agent)
+    actual = tok.decode(record.all_ids, skip_special_tokens=False)
+    if ends_with_agent and not actual.endswith(renderer.end_of_turn_text):
+        expected = expected[: len(expected) - len(renderer.end_of_turn_text + renderer.after_end_of_turn_text)]
+    elif ends_with_agent:
+        expected = expected[: len(expected) - len(renderer.after_end_of_turn_text)]
+    if actual != expected:
+        at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
+        raise AssertionError(f"tokens decode differently from the template at char {at}: {actual[at:at + 80]!r} vs {expected[at:at + 80]!r}")
+    for span in record.spans:
+        if span.kind == "glue":
+            ids = record.response_ids[span.start : span.end]
+            if renderer.encode(tok.decode(ids, skip_special_tokens=False)) != ids:
+                raise AssertionError(f"glue span {span.start}:{span.end} does not re-encode to itself")
+    del assistant_turns
+
+
+def _first_agent_turn(conversation: list[dict]) -> int:
+    """Index after the opening: the first assistant message after the system turn that the agent sampled.
+
+    The dual-mode greeting is an assistant message in the opening, followed by the user's first message."""
+    for i, message in enumerate(conversation):
+        if message["role"] == "assistant" and i > 0 and any(m["role"] in ("user", "tool") for m in conversation[:i]):
+            return i
+        if message["role"] == "assistant" and i == 1 and conversation[0]["role"] == "system" and len(conversation) > 1:
+            if all(m["role"] != "user" for m in conversation):  # solo: no user at all
+                return i
+    return len(conversation)
