@@ -15,7 +15,10 @@ are async, and CPU work above ~1 ms (environment construction, tau2's evaluator)
 from __future__ import annotations
 
 import asyncio
+import copy
+import inspect
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -135,11 +138,35 @@ def _compact(policy: str) -> str:
     return "\n".join(lines[:cut]).strip()
 
 
+_DB_TEMPLATES: dict[str, dict[str, Any]] = {}
+_DB_LOCK = threading.Lock()
+
+
+def _fresh_databases(domain: str, constructor: Any) -> dict[str, Any]:
+    """Deep copies of the domain's databases, parsed once per process (tau2 re-parses its TOML/JSON per env: ~15 ms)."""
+    with _DB_LOCK:
+        if domain not in _DB_TEMPLATES:
+            _DB_TEMPLATES[domain] = _database_templates(constructor)
+    return {name: db.model_copy(deep=True) for name, db in _DB_TEMPLATES[domain].items()}
+
+
+def _database_templates(constructor: Any) -> dict[str, Any]:
+    params = inspect.signature(constructor).parameters
+    template = constructor()
+    found: dict[str, Any] = {}
+    if "db" in params and getattr(template, "tools", None) is not None:
+        found["db"] = template.tools.db
+    if "user_db" in params and getattr(template, "user_tools", None) is not None:
+        found["user_db"] = template.user_tools.db
+    return found
+
+
 def build_environment(domain: str, task: Task, solo_mode: bool) -> Environment:
-    """A fresh environment in the task's initial state (CPU work, ~10 ms: call it in a worker thread)."""
+    """A fresh environment in the task's initial state (CPU work, ~1-10 ms: call it in a worker thread)."""
     registry = import_tau2()
     constructor = registry.get_env_constructor(domain)
-    env = constructor(solo_mode=True) if solo_mode else constructor()
+    databases = _fresh_databases(domain, constructor)
+    env = constructor(solo_mode=True, **databases) if solo_mode else constructor(**databases)
     initial = task.initial_state
     env.set_state(
         initialization_data=initial.initialization_data if initial else None,
@@ -174,18 +201,32 @@ def _stop_tool_schema() -> dict[str, Any]:
     }
 
 
+_VIEW_CACHE: dict[tuple[str, bool, str], tuple[str, list[dict[str, Any]]]] = {}
+
+
+def _policy_and_tools(env: Environment, config: EpisodeConfig) -> tuple[str, list[dict[str, Any]]]:
+    """Policy text and tool schemas are the same for every task of a domain: build them once (~60 ms) per process."""
+    key = (config.domain, config.solo_mode, config.policy_variant)
+    if key not in _VIEW_CACHE:
+        policy = env.get_policy()
+        if config.policy_variant == "compact":
+            policy = f"{COMPACT_POLICY_NOTE}\n\n{_compact(policy)}"
+        tools = [tool.openai_schema for tool in env.get_tools()]
+        if config.solo_mode:
+            user_tools = env.get_user_tools() if env.user_tools else []
+            tools += [tool.openai_schema for tool in user_tools]
+            tools.append(_stop_tool_schema())
+        _VIEW_CACHE[key] = (policy, tools)
+    policy, tools = _VIEW_CACHE[key]
+    return policy, copy.deepcopy(tools)
+
+
 def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
     """tau2's own agent prompt (LLMAgent / LLMSoloAgent) and tools, so training matches deployment."""
-    policy = env.get_policy()
-    if config.policy_variant == "compact":
-        policy = f"{COMPACT_POLICY_NOTE}\n\n{_compact(policy)}"
-    tools = [tool.openai_schema for tool in env.get_tools()]
+    policy, tools = _policy_and_tools(env, config)
     if config.solo_mode:
         if task.ticket is None:
             raise ValueError(f"task {task.id} has no ticket: it cannot be played in solo mode")
-        user_tools = env.get_user_tools() if env.user_tools else []
-        tools += [tool.openai_schema for tool in user_tools]
-        tools.append(_stop_tool_schema())
         instruction = AGENT_SOLO_INSTRUCTION.format(stop_function_name=SOLO_STOP_TOOL, stop_token=SOLO_STOP_TOKEN)
         system = SYSTEM_PROMPT_SOLO.format(agent_instruction=instruction, domain_policy=policy, ticket=task.ticket)
         opening: list[dict[str, Any]] = []
@@ -486,6 +527,8 @@ async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None
     ep.policy_latency += turn.latency_s
     ep.policy_prompt_tokens += turn.prompt_tokens
     ep.policy_completion_tokens += turn.completion_tokens
+    if turn.finish_reason in ("abort", "budget") and turn.completion_tokens:
+        ep.agent_view.append({"role": "assistant", "content": turn.raw_text, "cut_turn": True})  # sampled, unfinished
     if turn.finish_reason == "abort":
         ep.status, ep.reason, ep.failure = "aborted", "aborted", turn.abort_message or "aborted by the policy server"
         return None, "stop"

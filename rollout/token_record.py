@@ -125,62 +125,55 @@ class TokenRecord:
             raise AssertionError(f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}")
 
 
-def verify_record(record: TokenRecord, renderer: ChatRenderer, conversation: list[dict]) -> None:
+
+def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dict], agent_view: list[dict]) -> None:
     """Check an episode's tokens against the chat template; raises AssertionError naming the first mismatch.
 
-    `conversation` is everything the agent saw (system, opening, then the agent's view), with assistant turns in
-    the order they were sampled. Checked: the prompt is the template's rendering of the opening conversation; every
-    sampled span is exactly the server's ids; every glue span re-encodes to itself and, together with the sampled
-    text, the whole sequence decodes to the template's rendering of the conversation (assistant turns as sampled).
+    `opening` is the system turn plus what precedes the agent's first turn (the greeting); `agent_view` is what the
+    agent saw afterwards, its own turns included, in order (EpisodeResult.agent_messages). Checked: the prompt is the
+    template's rendering of the opening; sampled spans are the server's ids; glue spans re-encode to themselves; and
+    the whole sequence decodes to the template's rendering of the conversation, assistant turns as sampled.
     """
     record.check()
     tok = renderer.tokenizer
-    sampled = [s for s in record.spans if s.kind == "sampled"]
-    assistant_turns = [m for m in conversation if m["role"] == "assistant"]
-    first_sampled = next(i for i, m in enumerate(conversation) if m["role"] == "assistant" and i >= _first_agent_turn(conversation))
-    opening = conversation[:first_sampled]
-    prompt_text = renderer.render(opening, add_generation_prompt=True)
-    if renderer.encode(prompt_text) != record.prompt_ids:
+    first = next((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), len(agent_view))
+    prompt_messages = [*opening, *agent_view[:first]]
+    if renderer.encode(renderer.render(prompt_messages, add_generation_prompt=True)) != record.prompt_ids:
         raise AssertionError("prompt ids differ from the chat template's rendering of the opening conversation")
-    rebuilt = list(opening)
+    sampled = [span for span in record.spans if span.kind == "sampled"]
+    last = max((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), default=len(agent_view) - 1)
+    agent_view = agent_view[: last + 1]  # messages after the agent's last turn were never shown to it
+    rebuilt = list(prompt_messages)
     k = 0
-    for message in conversation[first_sampled:]:
-        if message["role"] == "assistant":
-            span = sampled[k]
-            ids = record.response_ids[span.start : span.end]
-            closed = bool(ids) and ids[-1] == renderer.end_of_turn_id
-            rebuilt.append({"role": "assistant", "content": tok.decode(ids[:-1] if closed else ids, skip_special_tokens=False)})
-            k += 1
-        else:
+    for message in agent_view[first:]:
+        if message["role"] != "assistant":
             rebuilt.append(message)
+            continue
+        if k >= len(sampled):
+            raise AssertionError(f"more assistant turns in the view than the {len(sampled)} sampled spans")
+        ids = record.response_ids[sampled[k].start : sampled[k].end]
+        closed = bool(ids) and ids[-1] == renderer.end_of_turn_id
+        text = tok.decode(ids[:-1] if closed else ids, skip_special_tokens=False)
+        rebuilt.append({"role": "assistant", "content": text})
+        k += 1
     if k != len(sampled):
-        raise AssertionError(f"{len(sampled)} sampled spans but {k} assistant turns in the conversation")
+        raise AssertionError(f"{len(sampled)} sampled spans but {k} assistant turns in the view")
+    actual = tok.decode(record.all_ids, skip_special_tokens=False)
     ends_with_agent = rebuilt[-1]["role"] == "assistant"
     expected = renderer.render(rebuilt, add_generation_prompt=not ends_with_agent)
-    actual = tok.decode(record.all_ids, skip_special_tokens=False)
-    if ends_with_agent and not actual.endswith(renderer.end_of_turn_text):
-        expected = expected[: len(expected) - len(renderer.end_of_turn_text + renderer.after_end_of_turn_text)]
-    elif ends_with_agent:
-        expected = expected[: len(expected) - len(renderer.after_end_of_turn_text)]
+    if ends_with_agent:  # the record stops right after the last sampled token
+        cut = renderer.after_end_of_turn_text
+        if not actual.endswith(renderer.end_of_turn_text):
+            cut = renderer.end_of_turn_text + cut
+        expected = expected[: len(expected) - len(cut)]
     if actual != expected:
         at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
-        raise AssertionError(f"tokens decode differently from the template at char {at}: {actual[at:at + 80]!r} vs {expected[at:at + 80]!r}")
+        raise AssertionError(
+            f"tokens decode differently from the template at char {at}: {actual[at : at + 80]!r} "
+            f"vs {expected[at : at + 80]!r}"
+        )
     for span in record.spans:
         if span.kind == "glue":
             ids = record.response_ids[span.start : span.end]
             if renderer.encode(tok.decode(ids, skip_special_tokens=False)) != ids:
                 raise AssertionError(f"glue span {span.start}:{span.end} does not re-encode to itself")
-    del assistant_turns
-
-
-def _first_agent_turn(conversation: list[dict]) -> int:
-    """Index after the opening: the first assistant message after the system turn that the agent sampled.
-
-    The dual-mode greeting is an assistant message in the opening, followed by the user's first message."""
-    for i, message in enumerate(conversation):
-        if message["role"] == "assistant" and i > 0 and any(m["role"] in ("user", "tool") for m in conversation[:i]):
-            return i
-        if message["role"] == "assistant" and i == 1 and conversation[0]["role"] == "system" and len(conversation) > 1:
-            if all(m["role"] != "user" for m in conversation):  # solo: no user at all
-                return i
-    return len(conversation)

@@ -1,0 +1,77 @@
+"""Stand-ins for slime's Sample and args (slime needs Megatron and CUDA; it cannot be installed here).
+
+Field names and the Status members follow slime/utils/types.py as described in shared/docs/slime-contract.md.
+`OldSample` mirrors the 2025-12 slime, which has no Status.FAILED.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from types import SimpleNamespace
+from typing import Any
+
+
+@dataclass
+class Sample:
+    class Status(Enum):
+        PENDING = "pending"
+        COMPLETED = "completed"
+        TRUNCATED = "truncated"
+        ABORTED = "aborted"
+        FAILED = "failed"
+
+    group_index: int | None = None
+    index: int | None = None
+    prompt: Any = ""
+    tokens: list[int] = field(default_factory=list)
+    response: str = ""
+    response_length: int = 0
+    label: str | None = None
+    reward: float | dict | None = None
+    loss_mask: list[int] | None = None
+    rollout_log_probs: list[float] | None = None
+    status: Status = Status.PENDING
+    metadata: dict = field(default_factory=dict)
+    remove_sample: bool = False
+
+
+@dataclass
+class OldSample(Sample):
+    class Status(Enum):
+        PENDING = "pending"
+        COMPLETED = "completed"
+        TRUNCATED = "truncated"
+        ABORTED = "aborted"
+
+
+def slime_args(hf_checkpoint: str, port: int, **overrides: Any) -> SimpleNamespace:
+    values = {
+        "hf_checkpoint": hf_checkpoint,
+        "sglang_router_ip": "127.0.0.1",
+        "sglang_router_port": port,
+        "rollout_max_response_len": 4096,
+        "rollout_temperature": 1.0,
+        "n_samples_per_prompt": 2,
+        "advantage_estimator": "grpo",
+        "grpo_std_normalization": True,
+        "rewards_normalization": True,
+        "reward_key": None,
+    }
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def slime_sampling_params(max_new_tokens: int = 4096) -> dict[str, Any]:
+    """What slime passes to a custom generate function (fresh dict per sample)."""
+    return {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "max_new_tokens": max_new_tokens,
+        "stop": None,
+        "stop_token_ids": None,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "spaces_between_special_tokens": False,
+    }
