@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -111,9 +112,7 @@ class PartialWeights(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PartialWeights:
         """Read TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,DB,NL}; unset or empty keeps the default."""
         defaults = cls()
-        values = {
-            field: env_float(var, getattr(defaults, field), environ) for field, var in WEIGHT_ENV_VARS.items()
-        }
+        values = {field: env_float(var, getattr(defaults, field), environ) for field, var in WEIGHT_ENV_VARS.items()}
         try:
             return cls(**values)
         except ValidationError as error:
@@ -191,30 +190,53 @@ def compute_partial_score(
 def is_normal_termination(termination_reason: Any) -> bool:
     """True for agent_stop / user_stop, given as tau2's enum, its value or its name (any case)."""
     value = getattr(termination_reason, "value", termination_reason)
-    return str(value).strip().lower() in NORMAL_TERMINATIONS
+    return str(value).strip().rsplit(".", 1)[-1].lower() in NORMAL_TERMINATIONS
+
+
+def without_unanswered_tail(messages: list[Any]) -> tuple[list[Any], int]:
+    """Drop a final tool-call message whose results never came (an episode cut mid-call), with what follows it.
+
+    Those calls did not all run, and tau2's replay rejects a call without a result; everything before them is kept.
+    Returns (messages, how many were dropped).
+    """
+    for position in range(len(messages) - 1, -1, -1):
+        calls = getattr(messages[position], "tool_calls", None)
+        if calls and getattr(messages[position], "role", None) in ("assistant", "user"):
+            answered = sum(1 for message in messages[position + 1 :] if getattr(message, "role", None) == "tool")
+            if answered < len(calls):
+                return list(messages[:position]), len(messages) - position
+            break
+    return list(messages), 0
 
 
 def checks_ignoring_termination(simulation: SimulationRun, task: Task, domain: str, solo_mode: bool) -> RewardInfo:
     """tau2's full evaluation of a copy of the simulation marked agent_stop, for episodes tau2 refuses to grade.
 
     Replays the trajectory on a fresh environment and runs env assertions, action checks and communicate checks
-    exactly as tau2's `evaluate_simulation(..., EvaluationType.ALL, ...)` does. Its `reward` is what the episode
+    exactly as tau2's `evaluate_simulation(..., EvaluationType.ALL, ...)` does, after dropping a final tool call
+    left without results (`without_unanswered_tail`). Its `reward` is what the episode
     would have scored had it ended normally; shaping uses only its sub-checks, never that reward. The original
     termination reason goes to `info["termination_reason"]`. Never raises: a trajectory that cannot be replayed
     gives reward 0, no checks and the error in `info["error"]`. CPU-bound (~16 ms): run it in a worker thread.
     """
-    from rollout.tau2_setup import import_tau2  # noqa: PLC0415  (tau2 loads only where checks are computed)
+    # tau2 loads only where checks are computed: the post-process module stays light for slime's driver.
+    from rollout.tau2_setup import import_tau2
 
-    import_tau2()
-    from tau2.data_model.simulation import RewardInfo, TerminationReason  # noqa: PLC0415
-    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation  # noqa: PLC0415
+    if "tau2.registry" not in sys.modules:  # import_tau2 resets loguru's sinks: once per process is enough
+        import_tau2()
+    from tau2.data_model.simulation import RewardInfo, TerminationReason
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
     original = getattr(getattr(simulation, "termination_reason", None), "value", None)
     basis = None
+    dropped = 0
     try:
         criteria = task.evaluation_criteria
         basis = list(criteria.reward_basis) if criteria is not None else None
-        as_if_stopped = simulation.model_copy(update={"termination_reason": TerminationReason.AGENT_STOP})
+        messages, dropped = without_unanswered_tail(simulation.messages)
+        as_if_stopped = simulation.model_copy(
+            update={"termination_reason": TerminationReason.AGENT_STOP, "messages": messages}
+        )
         result = evaluate_simulation(as_if_stopped, task, EvaluationType.ALL, solo_mode=solo_mode, domain=domain)
     except Exception as error:  # a malformed trajectory must not take the rollout down
         return RewardInfo(
@@ -228,5 +250,6 @@ def checks_ignoring_termination(simulation: SimulationRun, task: Task, domain: s
         )
     info = dict(result.info or {})
     info["termination_reason"] = original
+    info["dropped_unanswered_messages"] = dropped
     info["note"] = "checks computed as if the episode had ended with agent_stop"
     return result.model_copy(update={"info": info})

