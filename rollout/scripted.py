@@ -1,0 +1,407 @@
+"""Deterministic gold-path players with no LLM: the task's gold actions played as an agent script, and a scripted
+customer who performs its gold phone actions when the agent asks for them.
+
+Used by tests, by the engine-vs-tau2 faithfulness check (`run_tau2_orchestrator` plays the same script through
+tau2's own Orchestrator and evaluator), and for gold SFT traces.
+
+The scripted user (`ScriptedUserLogic`):
+- replies to the greeting with its reason for calling and what it knows (from the task's user instructions);
+- on an agent message that names one of its pending gold user actions (the tool name, or its words with spaces),
+  performs that action as a tool call (requestor "user"), with the gold arguments; when several pending actions
+  use that tool, the one whose argument values the message mentions. With the gold agent this is always the next
+  pending action; another agent may ask for them in another order;
+- if the message names none of them while actions are pending: "I'm not sure what you want me to do on my phone.
+  Could you tell me exactly?";
+- after a tool result, reports it in plain text;
+- once all its gold actions are done and the agent writes again: "###STOP###" ("###TRANSFER###" if the agent says
+  it is transferring the call).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from rollout.tau2_setup import import_tau2
+from rollout.user_sim import IncomingMessage, UserReply
+
+import_tau2()
+
+from tau2.agent.base import LocalAgent  # noqa: E402
+from tau2.agent.llm_agent import LLMSoloAgent  # noqa: E402
+from tau2.data_model.message import (  # noqa: E402
+    AssistantMessage,
+    Message,
+    MultiToolMessage,
+    ToolCall,
+    ToolMessage,
+    UserMessage,
+)
+from tau2.data_model.simulation import SimulationRun  # noqa: E402
+from tau2.data_model.tasks import Action, StructuredUserInstructions, Task  # noqa: E402
+from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation  # noqa: E402
+from tau2.orchestrator.orchestrator import Orchestrator  # noqa: E402
+from tau2.user.base import STOP, TRANSFER, BaseUser, UserState  # noqa: E402
+from tau2.user.user_simulator import DummyUser, UserSimulator  # noqa: E402
+
+CLOSING_MESSAGE = "Is there anything else I can help you with today?"
+# tau2's telecom policy: after transfer_to_human_agents the agent sends exactly this.
+TRANSFER_MESSAGE = "YOU ARE BEING TRANSFERRED TO A HUMAN AGENT. PLEASE HOLD ON."
+TRANSFER_TOOL = "transfer_to_human_agents"
+UNCLEAR_REPLY = "I'm not sure what you want me to do on my phone. Could you tell me exactly?"
+SOLO_STOP_TOOL = LLMSoloAgent.STOP_FUNCTION_NAME
+
+
+class ScriptedTurn(BaseModel):
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list, description='each {"name", "arguments"}')
+
+
+def gold_actions(task: Task) -> list[Action]:
+    criteria = task.evaluation_criteria
+    return list(criteria.actions or []) if criteria is not None else []
+
+
+def tool_words(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def user_action_instruction(action: Action) -> str:
+    """What the agent says to have the user perform a phone action; it names the tool and, if any, its arguments
+    (in words and as JSON)."""
+    words = tool_words(action.name)
+    if not action.arguments:
+        return f"Please {words} on your phone ({action.name})."
+    described = " and ".join(f"{tool_words(key)} set to {value}" for key, value in action.arguments.items())
+    return f"Please {words} on your phone, with {described} ({action.name}, arguments: {json.dumps(action.arguments)})."
+
+
+def gold_agent_turns(task: Task, solo_mode: bool) -> list[ScriptedTurn]:
+    """The agent's script from the gold actions, in order.
+
+    Dual: an assistant action is a turn with that one tool call; a user action is an instruction to the user; then a
+    closing text turn (tau2's transfer message when the last action is a transfer). Solo: every gold action is a
+    tool call turn (the solo agent holds the user's tools too), then a call to `done`.
+    """
+    turns: list[ScriptedTurn] = []
+    actions = gold_actions(task)
+    for action in actions:
+        if solo_mode or action.requestor == "assistant":
+            call = {"name": action.name, "arguments": copy.deepcopy(action.arguments)}
+            turns.append(ScriptedTurn(tool_calls=[call]))
+        else:
+            turns.append(ScriptedTurn(content=user_action_instruction(action)))
+    if solo_mode:
+        turns.append(ScriptedTurn(tool_calls=[{"name": SOLO_STOP_TOOL, "arguments": {}}]))
+    elif actions and actions[-1].name == TRANSFER_TOOL:
+        turns.append(ScriptedTurn(content=TRANSFER_MESSAGE))
+    else:
+        turns.append(ScriptedTurn(content=CLOSING_MESSAGE))
+    return turns
+
+
+def turn_to_message(turn: ScriptedTurn, turn_index: int) -> AssistantMessage:
+    """A script turn as tau2's AssistantMessage; tool call ids are `call_{turn_index}_{k}`."""
+    calls = [
+        ToolCall(
+            id=f"call_{turn_index}_{k}",
+            name=call["name"],
+            arguments=copy.deepcopy(call.get("arguments") or {}),
+            requestor="assistant",
+        )
+        for k, call in enumerate(turn.tool_calls)
+    ]
+    return AssistantMessage(role="assistant", content=turn.content, tool_calls=calls or None, cost=0.0)
+
+
+# Second person → first person, for the user's opening message built from tau2's instructions ("You are ...").
+_PERSON_SWAPS = [
+    (re.compile(r"\byou (mobile|phone|data|account|line)\b", re.IGNORECASE), r"my \1"),  # tau2 writes "You mobile"
+    (re.compile(r"\byou are\b", re.IGNORECASE), "I am"),
+    (re.compile(r"\byou're\b", re.IGNORECASE), "I'm"),
+    (re.compile(r"\byou were\b", re.IGNORECASE), "I was"),
+    (re.compile(r"\byourself\b", re.IGNORECASE), "myself"),
+    (re.compile(r"\byours\b", re.IGNORECASE), "mine"),
+    (re.compile(r"\byour\b", re.IGNORECASE), "my"),
+    (re.compile(r"\byou\b", re.IGNORECASE), "I"),
+]
+
+
+def first_person(text: str) -> str:
+    for pattern, replacement in _PERSON_SWAPS:
+
+        def swap(match: re.Match[str], replacement: str = replacement) -> str:
+            out = match.expand(replacement)
+            return out[0].upper() + out[1:] if match.group(0)[0].isupper() else out
+
+        text = pattern.sub(swap, text)
+    return text
+
+
+def opening_message(task: Task) -> str:
+    """The user's reply to the greeting: the reason for calling and the known info, in the first person."""
+    instructions = task.user_scenario.instructions
+    if isinstance(instructions, StructuredUserInstructions):
+        parts = [instructions.reason_for_call]
+        if instructions.known_info:
+            parts.append(instructions.known_info)
+    else:
+        parts = [str(instructions)]
+    return "Hi! " + " ".join(" ".join(first_person(part).split()) for part in parts)
+
+
+def _mention_pattern(phrase: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![a-z0-9_]){re.escape(phrase.lower())}(?![a-z0-9_])")
+
+
+_USER_TOOL_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def user_tool_names(domain: str) -> tuple[str, ...]:
+    """Names of the domain's user (phone) tools, read once per process (no tool schemas are built)."""
+    if domain not in _USER_TOOL_NAMES:
+        environment = import_tau2().get_env_constructor(domain)()
+        toolkit = environment.user_tools
+        _USER_TOOL_NAMES[domain] = tuple(toolkit.tools) if toolkit is not None else ()
+    return _USER_TOOL_NAMES[domain]
+
+
+def task_domain(task: Task, default: str = "telecom") -> str:
+    instructions = task.user_scenario.instructions
+    return instructions.domain if isinstance(instructions, StructuredUserInstructions) else default
+
+
+class ScriptedUserLogic:
+    """The scripted customer's decisions: pure, synchronous and deterministic (see the module docstring).
+
+    `tool_names`: every user tool of the domain (default: read from tau2 for the task's domain); they are matched
+    too, so that a request for one tool is never read as a request for another whose name it contains.
+    """
+
+    def __init__(self, task: Task, tool_names: list[str] | tuple[str, ...] | None = None) -> None:
+        self.task = task
+        self.pending: list[Action] = [a.model_copy(deep=True) for a in gold_actions(task) if a.requestor == "user"]
+        self.started = False
+        self.turn = 0
+        if tool_names is None:  # a user with nothing to do matches nothing: no need to look the tools up
+            tool_names = user_tool_names(task_domain(task)) if self.pending else ()
+        known = set(tool_names)
+        names = sorted(known | {action.name for action in self.pending}, key=len, reverse=True)
+        # Longest names first, and their matches masked, so "toggle data" is not found inside "toggle data saver".
+        self._patterns = [(name, [_mention_pattern(name), _mention_pattern(tool_words(name))]) for name in names]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def mentioned_tools(self, text: str) -> set[str]:
+        remaining = text.lower()
+        found: set[str] = set()
+        for name, patterns in self._patterns:
+            for pattern in patterns:
+                if pattern.search(remaining):
+                    found.add(name)
+                    remaining = pattern.sub(" ", remaining)
+        return found
+
+    def requested_action(self, text: str) -> Action | None:
+        """The earliest pending action whose tool the text names (preferring one whose argument values it names)."""
+        named = self.mentioned_tools(text)
+        candidates = [action for action in self.pending if action.name in named]
+        lowered = text.lower()
+        for action in candidates:
+            if all(_mention_pattern(str(value)).search(lowered) for value in action.arguments.values()):
+                return action
+        return candidates[0] if candidates else None
+
+    def respond(self, incoming: IncomingMessage) -> UserMessage:
+        index = self.turn
+        self.turn += 1
+        if isinstance(incoming, (ToolMessage, MultiToolMessage)):
+            results = incoming.tool_messages if isinstance(incoming, MultiToolMessage) else [incoming]
+            return _text(" ".join(_report(result) for result in results))
+        if not isinstance(incoming, AssistantMessage):
+            raise TypeError(f"the user cannot receive a {type(incoming).__name__}")
+        text = incoming.content or ""
+        if not self.started:
+            self.started = True
+            return _text(opening_message(self.task))
+        if "transferred to a human agent" in text.lower():
+            return _text(TRANSFER)
+        if not self.pending:
+            return _text(STOP)
+        action = self.requested_action(text)
+        if action is None:
+            return _text(UNCLEAR_REPLY)
+        self.pending.remove(action)
+        call = ToolCall(
+            id=f"user_call_{index}_0", name=action.name, arguments=copy.deepcopy(action.arguments), requestor="user"
+        )
+        return UserMessage(role="user", tool_calls=[call], cost=0.0, usage=_NO_USAGE.copy())
+
+
+_NO_USAGE = {"completion_tokens": 0, "prompt_tokens": 0}
+
+
+def _text(content: str) -> UserMessage:
+    return UserMessage(role="user", content=content, cost=0.0, usage=_NO_USAGE.copy())
+
+
+def _report(result: ToolMessage) -> str:
+    content = (result.content or "").strip()
+    if result.error:
+        return f"I tried that, but my phone showed an error: {content}"
+    return f"Done. Here is what my phone shows: {content}" if content else "Done."
+
+
+class ScriptedUser:
+    """The scripted customer as an engine user (EpisodeUser): no latency, no tokens."""
+
+    def __init__(self, task: Task) -> None:
+        self.logic = ScriptedUserLogic(task)
+
+    async def respond(self, incoming: IncomingMessage) -> UserReply:
+        return UserReply(message=self.logic.respond(incoming), latency_s=0.0, prompt_tokens=0, completion_tokens=0)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+class Tau2ScriptedUser(BaseUser):
+    """The scripted customer as a tau2 user, so tau2's own Orchestrator can run it (one instance per episode)."""
+
+    def __init__(self, task: Task, tools: list[Any] | None = None) -> None:
+        super().__init__(instructions=str(task.user_scenario), llm=None, llm_args=None)
+        self.tools = tools
+        self.logic = ScriptedUserLogic(task)
+
+    def get_init_state(self, message_history: list[Message] | None = None) -> UserState:
+        return UserState(system_messages=[], messages=list(message_history or []))
+
+    def generate_next_message(self, message: IncomingMessage, state: UserState) -> tuple[UserMessage, UserState]:
+        if isinstance(message, MultiToolMessage):
+            state.messages.extend(message.tool_messages)
+        else:
+            state.messages.append(message)
+        reply = self.logic.respond(message)
+        state.messages.append(reply)
+        return reply, state
+
+    @classmethod
+    def is_stop(cls, message: UserMessage) -> bool:
+        return UserSimulator.is_stop(message)
+
+    def set_seed(self, seed: int) -> None:
+        """Deterministic: nothing to seed."""
+
+
+class ScriptedAgentState(BaseModel):
+    next_turn: int = 0
+    messages: list[Any] = Field(default_factory=list)
+
+
+def _next_scripted_message(turns: list[ScriptedTurn], state: ScriptedAgentState) -> AssistantMessage:
+    # Past the end of the script the last turn repeats (the closing line, or `done`).
+    index = min(state.next_turn, len(turns) - 1)
+    state.next_turn += 1
+    return turn_to_message(turns[index], state.next_turn - 1)
+
+
+class Tau2ScriptedAgent(LocalAgent[ScriptedAgentState]):
+    """A tau2 agent that plays `gold_agent_turns(task, solo_mode=False)`."""
+
+    def __init__(self, tools: list[Any], domain_policy: str, task: Task) -> None:
+        super().__init__(tools=tools, domain_policy=domain_policy)
+        self.task = task
+        self.turns = gold_agent_turns(task, solo_mode=False)
+
+    def get_init_state(self, message_history: list[Message] | None = None) -> ScriptedAgentState:
+        return ScriptedAgentState(messages=list(message_history or []))
+
+    def generate_next_message(
+        self, message: UserMessage | ToolMessage | MultiToolMessage, state: ScriptedAgentState
+    ) -> tuple[AssistantMessage, ScriptedAgentState]:
+        if isinstance(message, MultiToolMessage):
+            state.messages.extend(message.tool_messages)
+        else:
+            state.messages.append(message)
+        reply = _next_scripted_message(self.turns, state)
+        state.messages.append(reply)
+        return reply, state
+
+    def set_seed(self, seed: int) -> None:
+        """Deterministic: nothing to seed."""
+
+
+class Tau2ScriptedSoloAgent(LLMSoloAgent):
+    """tau2's LLMSoloAgent (its Orchestrator requires one in solo mode) playing `gold_agent_turns(task, True)`;
+    tau2's own `_check_if_stop_toolcall` turns the final `done` call into "###STOP###"."""
+
+    def __init__(self, tools: list[Any], domain_policy: str, task: Task) -> None:
+        super().__init__(tools=tools, domain_policy=domain_policy, task=task)
+        self.turns = gold_agent_turns(task, solo_mode=True)
+
+    def get_init_state(self, message_history: list[Message] | None = None) -> ScriptedAgentState:  # type: ignore[override]
+        return ScriptedAgentState(messages=list(message_history or []))
+
+    def generate_next_message(  # type: ignore[override]
+        self, message: ToolMessage | MultiToolMessage | None, state: ScriptedAgentState
+    ) -> tuple[AssistantMessage, ScriptedAgentState]:
+        if isinstance(message, UserMessage):
+            raise ValueError("LLMSoloAgent does not support user messages.")
+        if isinstance(message, MultiToolMessage):
+            state.messages.extend(message.tool_messages)
+        elif message is not None:
+            state.messages.append(message)
+        reply = self._check_if_stop_toolcall(_next_scripted_message(self.turns, state))
+        state.messages.append(reply)
+        return reply, state
+
+    def set_seed(self, seed: int) -> None:
+        """Deterministic: nothing to seed."""
+
+
+def solo_supported(task: Task) -> bool:
+    """Whether tau2's LLMSoloAgent accepts the task (it needs a ticket, unless the task has an initial state)."""
+    return LLMSoloAgent.check_valid_task(task)
+
+
+def run_tau2_orchestrator(
+    task: Task, solo_mode: bool, max_steps: int = 100, max_errors: int = 10, domain: str = "telecom"
+) -> SimulationRun:
+    """Play the scripted agent and user through tau2's own Orchestrator, then score with tau2's evaluator
+    (`reward_info` set): the reference the async engine is compared with. Synchronous CPU work.
+
+    As in tau2's `run_task`, except that the scripted players get no tool schemas: they never read them, and
+    building them (`get_tools`, pydantic models per tool) costs more than the whole episode.
+    """
+    registry = import_tau2()
+    constructor = registry.get_env_constructor(domain)
+    if solo_mode:
+        environment = constructor(solo_mode=True)
+        agent: LocalAgent[Any] = Tau2ScriptedSoloAgent(tools=[], domain_policy=environment.get_policy(), task=task)
+        user: BaseUser = DummyUser(tools=None, instructions=str(task.user_scenario))
+    else:
+        environment = constructor()
+        agent = Tau2ScriptedAgent(tools=[], domain_policy=environment.get_policy(), task=task)
+        user = Tau2ScriptedUser(task)
+    orchestrator = Orchestrator(
+        domain=domain,
+        agent=agent,
+        user=user,
+        environment=environment,
+        task=task,
+        max_steps=max_steps,
+        max_errors=max_errors,
+        seed=None,
+        solo_mode=solo_mode,
+    )
+    simulation = orchestrator.run()
+    simulation.reward_info = evaluate_simulation(
+        simulation=simulation, task=task, evaluation_type=EvaluationType.ALL, solo_mode=solo_mode, domain=domain
+    )
+    return simulation
