@@ -650,6 +650,7 @@ async def play_episodes(
                 max_response_tokens=args.max_response_tokens,
                 max_context_tokens=max_context_tokens,
                 max_tool_calls_per_turn=config.max_tool_calls_per_turn,
+                max_tokens_per_turn=config.max_tokens_per_turn,
             )
         except Exception as err:  # a task the engine cannot set up is an infrastructure failure, not a bad policy
             return failed_result(task, config, err), seed

@@ -136,7 +136,9 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     result = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise RuntimeError(f"GGUF conversion mismatch: missing={result.missing_keys} unexpected={result.unexpected_keys}")
+        raise RuntimeError(
+            f"GGUF conversion mismatch: missing={result.missing_keys} unexpected={result.unexpected_keys}"
+        )
     model.tie_weights()
     model.eval()
 

@@ -1,7 +1,8 @@
-"""Stand-ins for slime's Sample and args (slime needs Megatron and CUDA; it cannot be installed here).
+"""Stand-ins for slime's Sample and args, for running the recipe's slime plugins without slime (which needs
+Megatron and CUDA): the CPU dry run and the tests.
 
-Field names and the Status members follow slime/utils/types.py as described in shared/docs/slime-contract.md.
-`OldSample` mirrors the 2025-12 slime, which has no Status.FAILED.
+Field names and the Status members follow slime/utils/types.py (Sample) and slime's argument names; `OldSample`
+mirrors the 2025-12 slime, which has no Status.FAILED.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rollout.task_store import (  # noqa: E402
+from rollout.task_store import (
     DOMAIN_SPLITS,
     DOMAINS,
     get_task_store,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from rollout.policy_client import PolicyClient, PolicyServerError
 from rollout.tau2_setup import import_tau2
-from rollout.token_record import ChatRenderer, TokenRecord  # noqa: F401  (TokenRecord: re-exported)
+from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
 from rollout.tool_schemas import tool_schemas
 
@@ -88,6 +88,9 @@ class EpisodeConfig(BaseModel):
     max_errors: int = Field(default=10, gt=0)
     max_turns: int | None = Field(default=None, gt=0, description="cap on policy turns (None: only max_steps)")
     max_tool_calls_per_turn: int | None = Field(default=None, gt=0, description="None: parallel calls allowed")
+    max_tokens_per_turn: int | None = Field(
+        default=None, gt=0, description="cap on one policy turn; a turn cut by it is closed (masked) and played as is"
+    )
     policy_variant: Literal["full", "compact"] = "full"
     evaluate: bool = True
     episode_timeout_s: float | None = Field(default=None, gt=0)
@@ -95,7 +98,7 @@ class EpisodeConfig(BaseModel):
     @classmethod
     def from_env(cls, **overrides: Any) -> EpisodeConfig:
         """TAU2_DOMAIN, TAU2_SOLO_MODE, TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOOL_CALLS_PER_TURN,
-        TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S; keyword overrides win."""
+        TAU2_MAX_TOKENS_PER_TURN, TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S; keyword overrides win."""
         values: dict[str, Any] = {}
         if os.environ.get("TAU2_DOMAIN"):
             values["domain"] = os.environ["TAU2_DOMAIN"]
@@ -106,6 +109,7 @@ class EpisodeConfig(BaseModel):
             ("max_errors", "TAU2_MAX_ERRORS"),
             ("max_turns", "TAU2_MAX_TURNS"),
             ("max_tool_calls_per_turn", "TAU2_MAX_TOOL_CALLS_PER_TURN"),
+            ("max_tokens_per_turn", "TAU2_MAX_TOKENS_PER_TURN"),
         ):
             value = _env_int(var, None)
             if value is not None:
@@ -323,8 +327,10 @@ class TokenAgent:
         max_response_tokens: int,
         max_context_tokens: int | None = None,
         max_tool_calls_per_turn: int | None = None,
+        max_tokens_per_turn: int | None = None,
     ) -> None:
         self.policy = policy
+        self.max_tokens_per_turn = max_tokens_per_turn
         self.tokenizer = tokenizer
         self.view = view
         self.renderer = ChatRenderer(tokenizer, view.tools)
@@ -372,10 +378,15 @@ class TokenAgent:
         if not await self._observe(new_messages) or self._budget_left() <= 0:
             return AgentTurn(finish_reason="budget")
         assert self.record is not None
-        params = dict(self.sampling_params, max_new_tokens=self._budget_left())
+        left = self._budget_left()
+        turn_cap = min(left, self.max_tokens_per_turn) if self.max_tokens_per_turn else left
+        params = dict(self.sampling_params, max_new_tokens=turn_cap)
         out = await self.policy.generate(self.record.all_ids, params)
         if len(out.token_ids) > params["max_new_tokens"]:
-            out.token_ids, out.logprobs = out.token_ids[: params["max_new_tokens"]], out.logprobs[: params["max_new_tokens"]]
+            out.token_ids, out.logprobs = (
+                out.token_ids[: params["max_new_tokens"]],
+                out.logprobs[: params["max_new_tokens"]],
+            )
         self.record.add_sampled(out.token_ids, out.logprobs)
         closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
         self._turn_closed = closed
@@ -391,7 +402,7 @@ class TokenAgent:
         )
         if out.finish_reason == "abort":
             return turn
-        if not closed:  # cut by the token budget mid-turn: the episode ends here
+        if not closed and len(out.token_ids) >= left:  # the episode's token budget ran out mid-turn: it ends here
             turn.finish_reason = "budget"
             return turn
         parsed = parse_assistant_text(text, None, self.max_tool_calls_per_turn)
@@ -419,7 +430,9 @@ class ChatAgent:
             else:
                 self.messages.append(message)
         reply = await self.client.complete(
-            self.messages, tools=self.view.tools, tool_choice="required" if self.params.get("solo") else "auto",
+            self.messages,
+            tools=self.view.tools,
+            tool_choice="required" if self.params.get("solo") else "auto",
             **{k: v for k, v in self.params.items() if k != "solo"},
         )
         calls = [(call.name, call.arguments) for call in reply.tool_calls]
@@ -583,9 +596,7 @@ async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None
     return message, "user"
 
 
-async def _play(
-    ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment
-) -> None:
+async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment) -> None:
     config = ep.config
     if config.solo_mode:
         # tau2 solo: the agent's first turn happens during initialization and is not counted as a step.
@@ -671,7 +682,7 @@ def _evaluate(ep: _Episode, simulation: SimulationRun) -> tuple[RewardInfo, Rewa
     info = evaluate_simulation(simulation, ep.task, EvaluationType.ALL, config.solo_mode, config.domain)
     truncated = None
     if simulation.termination_reason.value not in NORMAL_TERMINATIONS:
-        from reward.partial_credit import checks_ignoring_termination  # noqa: PLC0415
+        from reward.partial_credit import checks_ignoring_termination
 
         truncated = checks_ignoring_termination(simulation, ep.task, config.domain, config.solo_mode)
     return info, truncated
@@ -730,7 +741,9 @@ async def run_episode(
         env_s=ep.env_s,
         record=getattr(agent, "record", None),
     )
-    tau2_reason = TerminationReason(reason) if reason in TerminationReason._value2member_map_ else TerminationReason.MAX_STEPS
+    tau2_reason = (
+        TerminationReason(reason) if reason in TerminationReason._value2member_map_ else TerminationReason.MAX_STEPS
+    )
     simulation = _simulation(ep, started_at, time.perf_counter() - started, tau2_reason)
     result.messages = [m.model_dump(mode="json") for m in simulation.messages]
     if config.evaluate and ep.status != "failed":

@@ -10,7 +10,7 @@ Settings come from environment variables (the launcher forwards every TAU2_* var
   TAU2_POLICY_URL       policy server root; default http://{args.sglang_router_ip}:{args.sglang_router_port}
   TAU2_DOMAIN, TAU2_TASK_SPLIT   where `--input-key index` rows are looked up (default telecom / train)
   TAU2_USER_*           the user simulator (rollout.user_sim.UserSimConfig.from_env)
-  TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, ...   the episode (rollout.engine.EpisodeConfig.from_env)
+  TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOKENS_PER_TURN, ...   the episode (EpisodeConfig.from_env)
   TAU2_KEEP_TRAJECTORY  1: keep the tau2 message trajectory in sample.metadata["tau2_messages"]
 """
 
@@ -35,14 +35,14 @@ def load_tokenizer(path: str) -> Any:
     """One tokenizer per checkpoint path per process."""
     with _LOCK:
         if path not in _TOKENIZERS:
-            from transformers import AutoTokenizer  # noqa: PLC0415
+            from transformers import AutoTokenizer
 
             _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         return _TOKENIZERS[path]
 
 
 def policy_for(args: Any) -> PolicyClient:
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
     url = os.environ.get("TAU2_POLICY_URL") or f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
     api = os.environ.get("TAU2_POLICY_API", "sglang")
@@ -53,6 +53,18 @@ def policy_for(args: Any) -> PolicyClient:
                 url, api=api, model=os.environ.get("TAU2_POLICY_MODEL", "default"), retry=RetryPolicy()
             )
         return _POLICIES[key]
+
+
+async def close_clients() -> None:
+    """Close this loop's HTTP sessions (policy and user simulator); for scripts that end their loop."""
+    from rollout.user_sim import close_user_clients  # noqa: PLC0415
+
+    with _LOCK:
+        policies = list(_POLICIES.values())
+        _POLICIES.clear()
+    for policy in policies:
+        await policy.aclose()
+    await close_user_clients(_USER_CLIENTS)
 
 
 def resolve_task(sample: Any) -> tuple[Any, str]:
@@ -172,6 +184,7 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
             max_response_tokens=int(sampling_params.get("max_new_tokens") or args.rollout_max_response_len),
             max_context_tokens=int(max_context) if max_context else None,
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
+            max_tokens_per_turn=config.max_tokens_per_turn,
         )
         result = await run_episode(task, agent, user, config, env=env)
         if agent.record is None and result.status != "failed":

@@ -116,7 +116,9 @@ class SglangGenerateClient(_HttpPolicyClient):
         token_ids = [int(entry[1]) for entry in entries]
         logprobs = [float(entry[0]) if entry[0] is not None else 0.0 for entry in entries]
         if not token_ids and data.get("output_ids"):
-            raise PolicyServerError("the server returned output_ids without output_token_logprobs; is return_logprob on?")
+            raise PolicyServerError(
+                "the server returned output_ids without output_token_logprobs; is return_logprob on?"
+            )
         finish = meta.get("finish_reason") or {}
         finish_type = finish.get("type") if isinstance(finish, dict) else finish
         if finish_type not in ("stop", "length", "abort"):
@@ -162,7 +164,9 @@ class OpenAICompletionsClient(_HttpPolicyClient):
         data, attempts, latency = await self._post(payload)
         choice = (data.get("choices") or [{}])[0]
         token_ids = [int(t) for t in choice.get("token_ids") or []]
-        logprobs = [float(x) if x is not None else 0.0 for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
+        logprobs = [
+            float(x) if x is not None else 0.0 for x in (choice.get("logprobs") or {}).get("token_logprobs") or []
+        ]
         if len(token_ids) != len(logprobs):
             raise PolicyServerError(
                 f"/v1/completions returned {len(token_ids)} token ids but {len(logprobs)} logprobs; "

@@ -116,12 +116,14 @@ def get_task_store() -> TaskStore:
 
 def task_from_metadata(metadata: dict[str, Any]) -> Task:
     """Rebuild the Task a data row describes: from its embedded JSON if present, else from the store by id."""
-    from tau2.data_model.tasks import Task  # noqa: PLC0415
+    from tau2.data_model.tasks import Task
 
     if metadata.get("task"):
         return Task.model_validate(metadata["task"])
     domain = metadata.get("domain")
     task_id = metadata.get("task_id")
     if not domain or not task_id:
-        raise TaskLookupError("sample metadata needs 'domain' and 'task_id' (or an embedded 'task'); re-run tau2_mock.py")
+        raise TaskLookupError(
+            "sample metadata needs 'domain' and 'task_id' (or an embedded 'task'); re-run tau2_mock.py"
+        )
     return get_task_store().get(domain, task_id)

@@ -30,7 +30,7 @@ def import_tau2():
     """Import tau2's registry with the recipe's settings applied; returns the registry."""
     if not _QUIETED:
         quiet_tau2_logging()
-    from tau2.registry import registry  # noqa: PLC0415  (slow import: 6-8 s, done once per process)
+    from tau2.registry import registry
 
     # tau2 re-adds nothing after import, but some of its modules call logger.add; quiet again to be sure.
     quiet_tau2_logging()

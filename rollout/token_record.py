@@ -76,7 +76,9 @@ class ChatRenderer:
                 "the chat template re-renders earlier turns when a message is added; "
                 "token-in-token-out needs a template whose rendering of a prefix is stable"
             )
-        closing = self.after_end_of_turn_text if sampled_turn_closed else self.end_of_turn_text + self.after_end_of_turn_text
+        closing = (
+            self.after_end_of_turn_text if sampled_turn_closed else self.end_of_turn_text + self.after_end_of_turn_text
+        )
         return closing + full[len(self._anchor_text) :]
 
 
@@ -130,8 +132,9 @@ class TokenRecord:
         """slime's invariants: one mask entry and one log-prob per response token."""
         n = len(self.response_ids)
         if len(self.loss_mask) != n or len(self.log_probs) != n:
-            raise AssertionError(f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}")
-
+            raise AssertionError(
+                f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}"
+            )
 
 
 def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dict], agent_view: list[dict]) -> None:

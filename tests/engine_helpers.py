@@ -18,13 +18,13 @@ from rollout.tool_format import format_assistant_turn  # noqa: E402
 def real_tokenizer() -> Any:
     """SmolLM2-135M-Instruct's tokenizer with the recipe's Qwen-style tool template (converted once, cached)."""
     sys.path.insert(0, str(ROOT / "examples"))
-    from prepare_cpu_model import load_tokenizer, prepare_cpu_model  # noqa: PLC0415
+    from prepare_cpu_model import load_tokenizer, prepare_cpu_model
 
     return load_tokenizer(prepare_cpu_model())
 
 
 def gold_script_texts(task: Any, solo_mode: bool) -> list[str]:
-    from rollout.scripted import gold_agent_turns  # noqa: PLC0415
+    from rollout.scripted import gold_agent_turns
 
     return [format_assistant_turn(turn.content, turn.tool_calls) for turn in gold_agent_turns(task, solo_mode)]
 

@@ -55,7 +55,9 @@ class ScriptedPolicyServer:
             cache[text] = tuple(self.tokenizer.encode(text, add_special_tokens=False))
         return cache[text]
 
-    def _answer(self, input_ids: list[int], params: dict[str, Any], reply: str | Fault) -> tuple[list[int], list[float], str, Any]:
+    def _answer(
+        self, input_ids: list[int], params: dict[str, Any], reply: str | Fault
+    ) -> tuple[list[int], list[float], str, Any]:
         fault = reply if isinstance(reply, Fault) else None
         text = (fault.text or "") if fault else reply
         ids = list(self._encode(text)) if text else []
@@ -80,6 +82,9 @@ class ScriptedPolicyServer:
         if isinstance(reply, Fault) and reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         return reply
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -134,6 +139,7 @@ class ScriptedPolicyServer:
             loop = asyncio.new_event_loop()
             self._loop = loop
             app = web.Application(client_max_size=64 * 1024**2)
+            app.router.add_get("/health", self._health)
             app.router.add_post("/generate", self._generate)
             app.router.add_post("/v1/completions", self._completions)
             runner = web.AppRunner(app, access_log=None)

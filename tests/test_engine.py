@@ -80,7 +80,7 @@ def test_gold_episode_succeeds_and_tokens_match_template(tok, train_tasks, api):
     sampled = [s for s in result.record.spans if s.kind == "sampled"]
     for span, text in zip(sampled, texts):
         ids = result.record.response_ids[span.start : span.end]
-        assert ids == tok.encode(text, add_special_tokens=False) + [agent.renderer.end_of_turn_id]
+        assert ids == [*tok.encode(text, add_special_tokens=False), agent.renderer.end_of_turn_id]
 
 
 def test_solo_mode_gold_episode(tok, train_tasks):
@@ -117,7 +117,11 @@ def test_tool_errors_are_observed_and_counted(tok, train_tasks):
 
 def test_malformed_tool_call_becomes_error_observation(tok, train_tasks):
     task = _task_with(train_tasks, lambda t: len(t.evaluation_criteria.actions or []) >= 1)
-    texts = ['<tool_call>\n{"name": "get_customer_by_phone", "arguments": {oops}\n</tool_call>', "<tool_call>{", *gold_script_texts(task, False)]
+    texts = [
+        '<tool_call>\n{"name": "get_customer_by_phone", "arguments": {oops}\n</tool_call>',
+        "<tool_call>{",
+        *gold_script_texts(task, False),
+    ]
     with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
         result, agent, view = asyncio.run(_play(tok, url, task))
     assert len(result.invalid_turns) == 2

@@ -78,7 +78,9 @@ def test_generate_resolves_index_prompt(tok, model_dir, scripted_env, monkeypatc
     texts = gold_script_texts(task, solo_mode=False)
     with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
         sample = Sample(prompt=3)
-        out = asyncio.run(generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params()))
+        out = asyncio.run(
+            generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
+        )
     assert out.metadata["task_id"] == task.id
     assert out.reward == 1.0
 
@@ -112,7 +114,9 @@ def test_abort_maps_to_aborted(tok, model_dir, scripted_env):
     row = _rows()[1]
     with ScriptedPolicyServer(tok, lambda p, q: Fault(abort=True, text="Hel")) as url:
         sample = Sample(prompt=1, metadata=dict(row["metadata"]))
-        out = asyncio.run(generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params()))
+        out = asyncio.run(
+            generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
+        )
     assert out.status == Sample.Status.ABORTED
     assert len(out.loss_mask) == out.response_length == len(out.rollout_log_probs)
 
