@@ -58,7 +58,7 @@ def check_sample(sample: Sample) -> list[str]:
 
 
 async def generate_all(args, samples: list[Sample], max_response_len: int, temperature: float) -> list[Sample]:
-    from rollout.generate_with_tau import generate
+    from rollout.generate_with_tau import close_clients, generate
 
     async def one(sample: Sample) -> Sample:
         params = slime_sampling_params(max_response_len)

@@ -118,6 +118,14 @@ def _text_of(content: Any) -> str | None:
     return str(content)
 
 
+def _json_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI API takes a call's `arguments` as a JSON string; SFT-style messages carry a dict."""
+    function = dict(call["function"])
+    if not isinstance(function.get("arguments"), str):
+        function["arguments"] = json.dumps(function.get("arguments") or {}, ensure_ascii=False)
+    return function
+
+
 def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI wire form of messages built by tau2's `to_litellm_messages`, as litellm sends them: no `tool_calls:
     null`, no `content: null` beside tool calls; also without the extra top-level `name` tau2 puts in each call,
@@ -129,7 +137,7 @@ def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if out.get("content") is None:
                 out.pop("content", None)
             out["tool_calls"] = [
-                {"id": call.get("id"), "type": call.get("type", "function"), "function": call["function"]}
+                {"id": call.get("id"), "type": call.get("type", "function"), "function": _json_arguments(call)}
                 for call in out["tool_calls"]
             ]
         cleaned.append(out)

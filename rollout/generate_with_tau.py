@@ -57,7 +57,7 @@ def policy_for(args: Any) -> PolicyClient:
 
 async def close_clients() -> None:
     """Close this loop's HTTP sessions (policy and user simulator); for scripts that end their loop."""
-    from rollout.user_sim import close_user_clients  # noqa: PLC0415
+    from rollout.user_sim import close_user_clients
 
     with _LOCK:
         policies = list(_POLICIES.values())

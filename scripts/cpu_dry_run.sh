@@ -120,13 +120,12 @@ export TAU2_POLICY_URL="http://127.0.0.1:$PORT"
 export TAU2_POLICY_VARIANT=compact
 export TAU2_USER_KIND="${TAU2_USER_KIND:-scripted}"
 export TAU2_TASK_SPLIT=train
-# Short turns and few of them: the model decodes ~10-20 tokens/s on 2 cores.
-export TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN"
-export TAU2_MAX_TURNS="$MAX_TURNS"
+# The model's episodes get short turns and few of them (it decodes ~10-20 tokens/s on 2 cores); gold traces do not.
+SHORT_EPISODES=(env TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN" TAU2_MAX_TURNS="$MAX_TURNS")
 
 stage rollout "GRPO-shaped batch: $NUM_PROMPTS prompts x $N_SAMPLES samples through rollout.generate_with_tau.generate + reward post-process"
 echo "COMPACT POLICY (dry run only): scores are not comparable with the full telecom policy"
-run "$PY" examples/cpu_rollout_batch.py --prompt-data "$DATA_DIR/telecom_train_tasks.jsonl" \
+run "${SHORT_EPISODES[@]}" "$PY" examples/cpu_rollout_batch.py --prompt-data "$DATA_DIR/telecom_train_tasks.jsonl" \
   --hf-checkpoint "$MODEL_DIR" --policy-url "$TAU2_POLICY_URL" --num-prompts "$NUM_PROMPTS" \
   --n-samples-per-prompt "$N_SAMPLES" --max-response-len "$MAX_RESPONSE_LEN" --temperature "$TEMPERATURE" \
   --output "$OUT_DIR/rollout_batch.jsonl"
@@ -137,7 +136,7 @@ run "$PY" examples/generate_sft_traces.py --source gold --domain telecom --split
 run "$PY" examples/check_sft_data.py "$OUT_DIR/sft_gold.jsonl" --tokenizer "$MODEL_DIR"
 
 stage eval "eval/evaluate_tau2.py on $EVAL_TASKS telecom test tasks against the same server"
-run "$PY" eval/evaluate_tau2.py --checkpoint "$MODEL_DIR" --sglang-url "$TAU2_POLICY_URL" \
+run "${SHORT_EPISODES[@]}" "$PY" eval/evaluate_tau2.py --checkpoint "$MODEL_DIR" --sglang-url "$TAU2_POLICY_URL" \
   --output-path "$OUT_DIR/eval/results.json" --domain telecom --task-split test --num-tasks "$EVAL_TASKS" \
   --user-kind "$TAU2_USER_KIND" --policy-variant compact --max-response-tokens "$MAX_RESPONSE_LEN" \
   --temperature 0 --no-progress

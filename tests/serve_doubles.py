@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_helpers import real_tokenizer  # noqa: E402
-from fake_openai_server import FakeOpenAIServer, text_reply  # noqa: E402
-from scripted_policy_server import Fault, ScriptedPolicyServer  # noqa: E402
+from engine_helpers import real_tokenizer
+from fake_openai_server import FakeOpenAIServer, text_reply
+from scripted_policy_server import Fault, ScriptedPolicyServer
 
 
 def main() -> int:

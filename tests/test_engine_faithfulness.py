@@ -48,7 +48,9 @@ def _essence(messages: list[Any]) -> list[tuple]:
     out = []
     for m in messages:
         m = m if isinstance(m, dict) else m.model_dump(mode="json")
-        calls = tuple((c["name"], tuple(sorted(c["arguments"].items())), c["requestor"]) for c in m.get("tool_calls") or [])
+        calls = tuple(
+            (c["name"], tuple(sorted(c["arguments"].items())), c["requestor"]) for c in m.get("tool_calls") or []
+        )
         out.append((m["role"], m.get("content"), calls, m.get("error", False) if m["role"] == "tool" else None))
     return out
 

@@ -42,7 +42,7 @@ def test_real_model_episode_invariants_and_logprobs(cpu_policy_server, smollm2_m
 
     async def play():
         env, view = await setup_episode(task, config)
-        policy = build_policy_client(cpu_policy_server, api=api, model="smollm2")
+        policy = build_policy_client(cpu_policy_server, api=api, model=smollm2_model_dir.name)
         agent = TokenAgent(policy, smollm2_tokenizer, view, {"temperature": 1.0, "top_p": 1.0}, BUDGET)
         try:
             return await run_episode(task, agent, ScriptedUser(task), config, env=env), agent, view
