@@ -65,7 +65,7 @@ RAY_ADDRESS_URL="${RAY_ADDRESS_URL:-http://127.0.0.1:${RAY_DASHBOARD_PORT}}"
 load_model_args "$MODEL_NAME"
 
 check_nonempty_file "$SFT_DATA" "SFT_DATA" \
-  "Make it with: python examples/generate_sft_traces.py --source gold --domain telecom --split train --output $SFT_DATA"
+  "Make it with: python examples/generate_sft_traces.py --source gold --domain telecom --split train --tokenizer $HF_CHECKPOINT --output $SFT_DATA, then check it: python examples/check_sft_data.py $SFT_DATA --tokenizer $HF_CHECKPOINT"
 check_hf_dir "$HF_CHECKPOINT" "HF_CHECKPOINT" \
   "Download it first: hf download Qwen/Qwen3-4B-Instruct-2507 --local-dir $HF_CHECKPOINT"
 check_megatron_dir "$REF_LOAD" "REF_LOAD" "Convert the HF model first: bash scripts/convert_hf_to_megatron.sh"

@@ -216,3 +216,26 @@ def test_max_turns_cap(tok, train_tasks):
         result, agent, view = asyncio.run(_play(tok, url, train_tasks[0], config=config))
     assert result.termination_reason == "max_turns" and result.turns == 3
     _check_tokens(result, agent, view)
+
+
+def test_parallel_calls_over_the_per_turn_cap_are_an_invalid_turn(tok, train_tasks):
+    two_calls = "\n".join([format_tool_call("get_customer_by_phone", {"phone_number": "555-123-2002"})] * 2)
+    config = EpisodeConfig(max_tool_calls_per_turn=1, max_turns=2)
+
+    async def play(url):
+        from rollout.scripted import ScriptedUser
+
+        env, view = await setup_episode(train_tasks[0], config)
+        policy = build_policy_client(url, retry=FAST_RETRY)
+        agent = TokenAgent(policy, tok, view, {}, max_response_tokens=4096, max_tool_calls_per_turn=1)
+        try:
+            return await run_episode(train_tasks[0], agent, ScriptedUser(train_tasks[0]), config, env=env), agent, view
+        finally:
+            await policy.aclose()
+
+    with ScriptedPolicyServer(tok, lambda p, q: two_calls) as url:
+        result, agent, view = asyncio.run(play(url))
+    assert len(result.invalid_turns) == 2
+    assert "2 tool calls in one turn; at most 1 allowed" in result.invalid_turns[0]["error"]
+    assert not any(m["role"] == "tool" for m in result.messages)  # nothing was executed
+    _check_tokens(result, agent, view)
