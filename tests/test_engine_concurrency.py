@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -90,9 +91,16 @@ def doubles_in_subprocess() -> Iterator[dict]:
 
 def test_64_concurrent_episodes_take_about_one_episode_time():
     tok = real_tokenizer()
-    with doubles_in_subprocess() as urls:
-        single, single_wall, _ = asyncio.run(_episodes(tok, urls["policy_url"], urls["user_base_url"], 1))
-        results, wall, lags = asyncio.run(_episodes(tok, urls["policy_url"], urls["user_base_url"], EPISODES))
+    # pytest's heap holds every earlier test's objects; a rollout worker's long-lived objects are its tasks, which
+    # the task store freezes out of the GC's reach. Freeze ours likewise, or one full collection stalls the loop.
+    gc.collect()
+    gc.freeze()
+    try:
+        with doubles_in_subprocess() as urls:
+            single, single_wall, _ = asyncio.run(_episodes(tok, urls["policy_url"], urls["user_base_url"], 1))
+            results, wall, lags = asyncio.run(_episodes(tok, urls["policy_url"], urls["user_base_url"], EPISODES))
+    finally:
+        gc.unfreeze()
     assert all(r.status == "truncated" and r.termination_reason == "max_turns" for r in results), [
         (r.status, r.failure) for r in results if r.status != "truncated"
     ][:3]
