@@ -25,6 +25,7 @@ USER_DELAY_S = 1.0
 POLICY_DELAY_S = 0.1
 TURNS = 3
 EPISODES = 64
+STAGGER_S = USER_DELAY_S
 
 
 async def _lag_monitor(samples: list[float], stop: asyncio.Event, period: float = 0.005) -> None:
@@ -45,6 +46,9 @@ async def _episodes(tok, policy_url: str, user_url: str, count: int) -> tuple[li
     monitor = asyncio.create_task(_lag_monitor(lags, stop))
 
     async def one(i: int):
+        # Real episodes drift apart (LLM latencies vary); with one fixed delay all 64 replies would land in the same
+        # loop iteration. Spread the starts over one user delay so the loop sees arrivals, not one synthetic burst.
+        await asyncio.sleep(STAGGER_S * i / max(count, 1))
         task = tasks[i % len(tasks)]
         env, view = await setup_episode(task, config)
         user = LLMUser(task, user_tools_of(env), client)
@@ -110,7 +114,7 @@ def test_64_concurrent_episodes_take_about_one_episode_time():
     assert single_wall >= floor * 0.95
     # "About one episode's time": a serialized harness would take 64x; CPU work (tau2's verdicts, prompt encoding)
     # of 64 episodes on 2 shared cores gets a 2x allowance.
-    assert wall < 2.0 * single_wall, f"64 episodes took {wall:.2f}s, one took {single_wall:.2f}s"
+    assert wall < 2.0 * single_wall + STAGGER_S, f"64 episodes took {wall:.2f}s, one took {single_wall:.2f}s"
     lags.sort()
     p99 = lags[int(0.99 * (len(lags) - 1))]
     # p99 is the engine's own behaviour; the max also catches the OS descheduling this process on a shared machine.
