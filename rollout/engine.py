@@ -233,15 +233,25 @@ _USER_TOOLS_ATTR = "_recipe_user_tools"
 
 def user_tools_of(env: Environment) -> list[Any] | None:
     """The user's device tools (telecom), or None for domains whose user has none. tau2 rebuilds the Tool objects on
-    every call (pydantic models, ~40 ms for telecom), so build_environment computes them once, off the event loop."""
+    every call (pydantic models, ~40 ms and ~250 KB for telecom), so one list per domain serves every environment."""
     if hasattr(env, _USER_TOOLS_ATTR):
         return getattr(env, _USER_TOOLS_ATTR)
-    try:
-        tools = env.get_user_tools() if env.user_tools is not None else None
-    except Exception:  # tau2 raises when a domain has no user tools
-        tools = None
+    key = (env.domain_name, env.solo_mode)
+    with _FAST_LOCK:
+        if key not in _USER_TOOLS_CACHE:
+            try:
+                tools = env.get_user_tools() if env.user_tools is not None else None
+            except Exception:  # tau2 raises when a domain has no user tools
+                tools = None
+            _USER_TOOLS_CACHE[key] = tools
+    tools = _USER_TOOLS_CACHE[key]
     setattr(env, _USER_TOOLS_ATTR, tools)
     return tools
+
+
+# The user's Tool objects only supply schemas (the user simulator's prompt); its calls run through
+# env.get_response, so one list per domain serves every environment.
+_USER_TOOLS_CACHE: dict[tuple[str, bool], list[Any] | None] = {}
 
 
 async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
@@ -280,6 +290,9 @@ def _policy_and_tools(env: Environment, config: EpisodeConfig) -> tuple[str, lis
     return policy, list(tools)  # the schemas themselves are shared and read-only
 
 
+_SYSTEM_CACHE: dict[tuple[str, str], str] = {}
+
+
 def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
     """tau2's own agent prompt (LLMAgent / LLMSoloAgent) and tools, so training matches deployment."""
     policy, tools = _policy_and_tools(env, config)
@@ -290,7 +303,11 @@ def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
         system = SYSTEM_PROMPT_SOLO.format(agent_instruction=instruction, domain_policy=policy, ticket=task.ticket)
         opening: list[dict[str, Any]] = []
     else:
-        system = SYSTEM_PROMPT.format(domain_policy=policy, agent_instruction=AGENT_INSTRUCTION)
+        # The same ~90 KB string for every task of a domain: one copy per process, not one per episode.
+        key = (config.domain, config.policy_variant)
+        if key not in _SYSTEM_CACHE:
+            _SYSTEM_CACHE[key] = SYSTEM_PROMPT.format(domain_policy=policy, agent_instruction=AGENT_INSTRUCTION)
+        system = _SYSTEM_CACHE[key]
         opening = [{"role": "assistant", "content": DEFAULT_FIRST_AGENT_MESSAGE.content}]
     names = [tool["function"]["name"] for tool in tools]
     return TaskView(system_prompt=system, tools=tools, tool_names=names, opening=opening)

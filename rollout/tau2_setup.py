@@ -26,14 +26,21 @@ def quiet_tau2_logging(level: str | None = None) -> None:
     _QUIETED = True
 
 
+_REGISTRY = None
+
+
 def import_tau2():
     """Import tau2's registry with the recipe's settings applied; returns the registry."""
+    global _REGISTRY
+    if _REGISTRY is not None:  # called per environment: re-quieting loguru costs ~5 ms each time
+        return _REGISTRY
     if not _QUIETED:
         quiet_tau2_logging()
     from tau2.registry import registry
 
     # tau2 re-adds nothing after import, but some of its modules call logger.add; quiet again to be sure.
     quiet_tau2_logging()
+    _REGISTRY = registry
     return registry
 
 

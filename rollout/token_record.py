@@ -64,9 +64,31 @@ class ChatRenderer:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    _PREFIXES: ClassVar[dict[tuple[int, str], list[int] | None]] = {}  # rendered prefix -> its ids (None: unusable)
+
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The first prompt: the whole opening conversation with the generation prompt."""
-        return self.encode(self.render(messages, add_generation_prompt=True))
+        """The first prompt: the whole opening conversation with the generation prompt.
+
+        Everything before the last message (system prompt with the tools, the greeting) is the same for every task
+        of a domain in dual mode: its ids are encoded once and reused, after checking once that encoding the whole
+        text gives the same ids."""
+        full = self.render(messages, add_generation_prompt=True)
+        if len(messages) < 2:
+            return self.encode(full)
+        prefix = self.render(messages[:-1], add_generation_prompt=False)
+        key = (id(self.tokenizer), prefix)
+        if key not in self._PREFIXES:
+            if len(self._PREFIXES) >= 64:  # solo-mode system prompts differ per task: keep the cache small
+                self._PREFIXES.pop(next(iter(self._PREFIXES)))
+            ids = self.encode(full)
+            prefix_ids = self.encode(prefix) if full.startswith(prefix) else None
+            ok = prefix_ids is not None and ids == prefix_ids + self.encode(full[len(prefix) :])
+            self._PREFIXES[key] = prefix_ids if ok else None
+            return ids
+        prefix_ids = self._PREFIXES[key]
+        if prefix_ids is None or not full.startswith(prefix):
+            return self.encode(full)
+        return prefix_ids + self.encode(full[len(prefix) :])
 
     def continuation_text(self, new_messages: list[dict[str, Any]], sampled_turn_closed: bool) -> str:
         """Text that follows a sampled assistant turn: its closing (if the model did not write it) and new turns."""

@@ -1,0 +1,94 @@
+"""bench/rollout_harness.py --quick end to end (tiny sizes, near-zero delays): every section is written and its
+numbers are sane. A smoke test that keeps the benchmark working, not a timed test: no speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "rollout_harness.py"
+SECTIONS = (
+    "## Targets",
+    "## 1. Harness overhead",
+    "## 2. Throughput against the bound",
+    "## 3. The prior approach: tau2 `AgentGymEnv`",
+    "## 4. Token bookkeeping per turn",
+    "## 5. Memory per concurrent episode",
+    "## 6. Evaluator",
+    "## 7. Where an episode's CPU goes",
+)
+SETTINGS = {"turns": 2, "token_turns": 6, "concurrency": [1, 4], "gym_complete_episodes": 2}
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
+    out, data = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    notes = "\n## Findings and fixes\n\nHand-written, kept across runs.\n"
+    out.write_text("# an older run\n\n| stale | table |\n" + notes)
+    command = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--json", str(data)]
+    proc = subprocess.run(
+        [*command, "--settings", json.dumps(SETTINGS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    for heading in SECTIONS:
+        assert heading in table, heading
+    assert table.endswith(notes) and "stale" not in table  # tables rewritten, the hand-written part kept
+    assert not re.search(r"\b(nan|inf)\b", table), "a number came out as nan or inf"
+    results = json.loads(data.read_text())
+
+    overhead = results["overhead"]
+    assert overhead["unexpected"] == 0
+    for key in ("per_turn_ms", "per_turn_in_process_ms", "per_episode_ms", "per_episode_in_process_ms"):
+        assert _positive(overhead[key]["median"]) and overhead[key]["p99"] >= overhead[key]["median"], key
+    # The harness's share of an episode is a part of it: below the whole CPU-bound episode, above one turn.
+    assert overhead["per_turn_ms"]["median"] < overhead["per_episode_ms"]["median"]
+    # Each request's client-side wait contains its service time, so the in-process share is the smaller one.
+    assert overhead["per_turn_in_process_ms"]["median"] <= overhead["per_turn_ms"]["median"] + 1e-9
+
+    rows = {row["concurrency"]: row for row in results["throughput"]}
+    assert sorted(rows) == SETTINGS["concurrency"]
+    for row in rows.values():
+        assert row["unexpected"] == 0 and row["episodes"] == row["concurrency"]
+        assert 0 < row["fraction"] <= 1.2, row
+        assert _positive(row["episodes_per_s"]) and _positive(row["bound_per_s"])
+        assert row["lag_p99_ms"] >= 0 and row["lag_max_ms"] >= row["lag_p99_ms"]
+        assert _positive(row["cpu_ms_per_episode"])
+
+    gym = results["gym"]["complete"]
+    assert gym["finished"] == gym["episodes"] == SETTINGS["gym_complete_episodes"]
+    assert _positive(gym["reset_s"]) and _positive(gym["step_s"]) and 0 < gym["blocked_fraction"] <= 1.2
+    compare = results["gym_compare"]
+    assert _positive(compare["ratio"]) and _positive(compare["ratio_small"])
+    assert compare["ours_per_s"] > compare["theirs_per_s"]  # blocking calls serialize the gym's episodes
+
+    tokens = results["tokens"]
+    assert [row["turn"] for row in tokens["rows"]] == list(range(1, SETTINGS["token_turns"] + 1))
+    assert all(_positive(row["ours_ms"]) and _positive(row["full_ms"]) for row in tokens["rows"])
+    assert tokens["rows"][-1]["full_ms"] > tokens["rows"][-1]["ours_ms"]  # the whole conversation vs one message
+
+    memory = results["memory"]
+    assert memory["concurrency"] == max(SETTINGS["concurrency"])
+    assert 0 <= memory["mb_per_episode"] < 100 and memory["rss_peak_mb"] >= memory["rss_before_mb"]
+
+    evaluation = results["eval"]
+    assert [run["concurrency"] for run in evaluation["runs"]] == [4, 1]
+    for run in evaluation["runs"]:
+        assert run["episodes"] == 4 and run["failed"] == 0 and _positive(run["wall_s"])
+    assert _positive(evaluation["speedup"])
+
+    assert all(_positive(row["ms"]) for row in results["breakdown"])
+    assert len(results["targets"]) == 4 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert results["meta"]["cores"] >= 1 and results["meta"]["load_before"]
