@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
+from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from rollout.policy_client import PolicyClient, PolicyServerError
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
@@ -64,7 +65,6 @@ T = TypeVar("T")
 Status = Literal["completed", "truncated", "aborted", "failed"]
 # Our termination reasons: tau2's, plus the token budget / turn cap of training and infrastructure outcomes.
 EXTRA_TERMINATIONS = ("max_tokens", "max_turns", "aborted", "infra_error", "timeout")
-NORMAL_TERMINATIONS = (TerminationReason.AGENT_STOP.value, TerminationReason.USER_STOP.value)
 SOLO_STOP_TOOL = LLMSoloAgent.STOP_FUNCTION_NAME
 SOLO_STOP_TOKEN = LLMSoloAgent.STOP_TOKEN
 
@@ -228,14 +228,14 @@ def build_environment(domain: str, task: Task, solo_mode: bool) -> Environment:
     return env
 
 
-_USER_TOOLS_ATTR = "_recipe_user_tools"
+# The user's Tool objects only supply schemas (the user simulator's prompt); its calls run through
+# env.get_response, so one list per (domain, solo mode) serves every environment.
+_USER_TOOLS_CACHE: dict[tuple[str, bool], list[Any] | None] = {}
 
 
 def user_tools_of(env: Environment) -> list[Any] | None:
     """The user's device tools (telecom), or None for domains whose user has none. tau2 rebuilds the Tool objects on
     every call (pydantic models, ~40 ms and ~250 KB for telecom), so one list per domain serves every environment."""
-    if hasattr(env, _USER_TOOLS_ATTR):
-        return getattr(env, _USER_TOOLS_ATTR)
     key = (env.domain_name, env.solo_mode)
     with _FAST_LOCK:
         if key not in _USER_TOOLS_CACHE:
@@ -244,14 +244,7 @@ def user_tools_of(env: Environment) -> list[Any] | None:
             except Exception:  # tau2 raises when a domain has no user tools
                 tools = None
             _USER_TOOLS_CACHE[key] = tools
-    tools = _USER_TOOLS_CACHE[key]
-    setattr(env, _USER_TOOLS_ATTR, tools)
-    return tools
-
-
-# The user's Tool objects only supply schemas (the user simulator's prompt); its calls run through
-# env.get_response, so one list per domain serves every environment.
-_USER_TOOLS_CACHE: dict[tuple[str, bool], list[Any] | None] = {}
+        return _USER_TOOLS_CACHE[key]
 
 
 async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
@@ -271,43 +264,49 @@ def _stop_tool_schema() -> dict[str, Any]:
     }
 
 
-_VIEW_CACHE: dict[tuple[str, bool, str], tuple[str, list[dict[str, Any]]]] = {}
+class _DomainView(BaseModel):
+    """What every task of a domain shares: policy text, tool schemas and (dual mode) the whole system prompt."""
+
+    policy: str
+    tools: list[dict[str, Any]]
+    dual_system_prompt: str | None
 
 
-def _policy_and_tools(env: Environment, config: EpisodeConfig) -> tuple[str, list[dict[str, Any]]]:
-    """Policy text and tool schemas are the same for every task of a domain: build them once (~60 ms) per process."""
+_VIEW_CACHE: dict[tuple[str, bool, str], _DomainView] = {}
+
+
+def _domain_view(env: Environment, config: EpisodeConfig) -> _DomainView:
+    """Built once (~60 ms; the dual system prompt is ~90 KB) per process, not once per episode."""
     key = (config.domain, config.solo_mode, config.policy_variant)
     if key not in _VIEW_CACHE:
         policy = env.get_policy()
         if config.policy_variant == "compact":
             policy = f"{COMPACT_POLICY_NOTE}\n\n{_compact(policy)}"
         tools = list(tool_schemas(env.get_tools()) or [])
+        dual_system = None
         if config.solo_mode:
             tools += tool_schemas(user_tools_of(env)) or []
             tools.append(_stop_tool_schema())
-        _VIEW_CACHE[key] = (policy, tools)
-    policy, tools = _VIEW_CACHE[key]
-    return policy, list(tools)  # the schemas themselves are shared and read-only
-
-
-_SYSTEM_CACHE: dict[tuple[str, str], str] = {}
+        else:
+            dual_system = SYSTEM_PROMPT.format(domain_policy=policy, agent_instruction=AGENT_INSTRUCTION)
+        _VIEW_CACHE[key] = _DomainView(policy=policy, tools=tools, dual_system_prompt=dual_system)
+    return _VIEW_CACHE[key]
 
 
 def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
     """tau2's own agent prompt (LLMAgent / LLMSoloAgent) and tools, so training matches deployment."""
-    policy, tools = _policy_and_tools(env, config)
+    shared = _domain_view(env, config)
+    tools = list(shared.tools)  # the schemas themselves are shared and read-only
     if config.solo_mode:
         if task.ticket is None:
             raise ValueError(f"task {task.id} has no ticket: it cannot be played in solo mode")
         instruction = AGENT_SOLO_INSTRUCTION.format(stop_function_name=SOLO_STOP_TOOL, stop_token=SOLO_STOP_TOKEN)
-        system = SYSTEM_PROMPT_SOLO.format(agent_instruction=instruction, domain_policy=policy, ticket=task.ticket)
+        system = SYSTEM_PROMPT_SOLO.format(
+            agent_instruction=instruction, domain_policy=shared.policy, ticket=task.ticket
+        )
         opening: list[dict[str, Any]] = []
     else:
-        # The same ~90 KB string for every task of a domain: one copy per process, not one per episode.
-        key = (config.domain, config.policy_variant)
-        if key not in _SYSTEM_CACHE:
-            _SYSTEM_CACHE[key] = SYSTEM_PROMPT.format(domain_policy=policy, agent_instruction=AGENT_INSTRUCTION)
-        system = _SYSTEM_CACHE[key]
+        system = shared.dual_system_prompt or ""
         opening = [{"role": "assistant", "content": DEFAULT_FIRST_AGENT_MESSAGE.content}]
     names = [tool["function"]["name"] for tool in tools]
     return TaskView(system_prompt=system, tools=tools, tool_names=names, opening=opening)
@@ -732,8 +731,6 @@ def _evaluate(ep: _Episode, simulation: SimulationRun) -> tuple[RewardInfo, Rewa
     info = evaluate_simulation(simulation, ep.task, EvaluationType.ALL, config.solo_mode, config.domain)
     truncated = None
     if simulation.termination_reason.value not in NORMAL_TERMINATIONS:
-        from reward.partial_credit import checks_ignoring_termination
-
         truncated = checks_ignoring_termination(simulation, ep.task, config.domain, config.solo_mode)
     return info, truncated
 

@@ -16,6 +16,7 @@ Settings come from environment variables (the launcher forwards every TAU2_* var
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from rollout.engine import EpisodeConfig, EpisodeResult, TokenAgent, run_episode, setup_episode, user_tools_of
 from rollout.policy_client import PolicyClient, RetryPolicy, build_policy_client
 from rollout.task_store import get_task_store, task_from_metadata, task_subtask
+from rollout.token_record import ChatRenderer
 from rollout.user_sim import UserSimConfig, build_user
 
 _LOCK = threading.Lock()
@@ -42,8 +44,6 @@ def load_tokenizer(path: str) -> Any:
 
 
 def policy_for(args: Any) -> PolicyClient:
-    import asyncio
-
     url = os.environ.get("TAU2_POLICY_URL") or f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
     api = os.environ.get("TAU2_POLICY_API", "sglang")
     key = (url, api, id(asyncio.get_running_loop()))  # aiohttp sessions belong to one loop
@@ -97,11 +97,12 @@ def _status(sample: Any, name: str) -> Any:
 
 
 def _end_of_turn_id(tokenizer: Any) -> int:
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None) and token_id >= 0:
-            return token_id
-    return int(tokenizer.eos_token_id)
+    """The token that closes an assistant turn, as the chat template writes it (the same rule the engine uses)."""
+    try:
+        end_id = ChatRenderer(tokenizer).end_of_turn_id
+    except Exception:  # no usable chat template: the failure this sample reports is elsewhere
+        end_id = None
+    return end_id if end_id is not None else int(tokenizer.eos_token_id)
 
 
 def fill_sample(sample: Any, result: EpisodeResult | None, tokenizer: Any, failure: str | None = None) -> Any:
