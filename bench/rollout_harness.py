@@ -82,6 +82,7 @@ class Settings(BaseModel):
     eval_turns: int = 4
     eval_delay_s: float = 0.05
     stress_delay_s: float | None = 0.25  # one more wave at the largest C with short delays: the harness's ceiling
+    threads_compare: int = 2  # one more wave at the largest C with CPU work in this many threads (0: skip)
     breakdown_repeats: int = 20
 
 
@@ -103,6 +104,7 @@ QUICK = Settings(
     eval_turns=2,
     eval_delay_s=0.01,
     stress_delay_s=None,
+    threads_compare=0,
     breakdown_repeats=3,
 )
 
@@ -260,17 +262,18 @@ class Ours:
         self.config = EpisodeConfig(domain="telecom", max_turns=turns + 2)  # the user ends it after `turns`
 
     async def play(self, task: Any) -> Played:
-        from rollout.engine import TokenAgent, run_episode, setup_episode, user_tools_of
+        from rollout.engine import TokenAgent, prepare_episode, run_episode
         from rollout.user_sim import LLMUser
 
         started = time.monotonic()
         task = task.model_copy(deep=True)  # the store's tasks are shared (as the evaluator does)
-        env, view = await setup_episode(task, self.config)
+        setup = await prepare_episode(task, self.config)
         # What build_user makes for an LLM user, with the shared client timed.
-        user = LLMUser(task, user_tools_of(env), self.chat, temperature=self.user_config.temperature)
-        agent = TokenAgent(self.policy, self.bench.tokenizer, view, {"temperature": 1.0}, max_response_tokens=8192)
+        user = LLMUser(task, setup.user_tools, self.chat, temperature=self.user_config.temperature)
+        params = {"temperature": 1.0}
+        agent = TokenAgent(self.policy, self.bench.tokenizer, setup.view, params, max_response_tokens=8192)
         setup_s = time.monotonic() - started
-        result = await run_episode(task, agent, user, self.config, env=env)
+        result = await run_episode(task, agent, user, self.config, env=setup.env)
         return Played(started=started, ended=time.monotonic(), setup_s=setup_s, result=result)
 
     async def aclose(self) -> None:
@@ -402,6 +405,19 @@ def section_throughput(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, An
         stress = asyncio.run(ours_wave(bench, top, s.turns, delay, delay))
         stress.update(load=load_line(), delay_s=delay)
         print(f"  C={top}, {delay:g} s delays: {stress['episodes_per_s']:.1f} episodes/s", flush=True)
+    if s.threads_compare > 0:
+        from rollout.engine import set_cpu_workers
+
+        top = max(s.concurrency)
+        bench.configure(s.policy_delay_s, s.user_delay_s, s.turns)
+        set_cpu_workers(s.threads_compare)
+        try:
+            threads = asyncio.run(ours_wave(bench, top, s.turns, s.policy_delay_s, s.user_delay_s))
+        finally:
+            set_cpu_workers(0)
+        threads.update(load=load_line(), workers=s.threads_compare)
+        stress = {**(stress or {}), "threads": threads}
+        print(f"  C={top}, CPU work in {s.threads_compare} threads: {threads['fraction']:.1%} of the bound", flush=True)
     return sorted(rows, key=lambda r: r["concurrency"]), stress
 
 
@@ -829,7 +845,8 @@ def render(results: dict[str, Any]) -> str:
         stat_row(f"per episode: harness (copy, setup, {ov['turns']} turns, evaluation)", ov["per_episode_ms"]),
         stat_row("per episode: in-process", ov["per_episode_in_process_ms"]),
         "",
-        f"Of an episode: setup (environment, user, agent) {fmt(ov['setup_ms'])} ms, tau2's evaluation "
+        f"Of an episode: setup before it starts (view, user, agent; the environment is built inside the episode, "
+        f"after the first LLM reply) {fmt(ov['setup_ms'])} ms, tau2's evaluation "
         f"{fmt(ov['eval_ms'])} ms (medians); CPU of this process per episode {fmt(ov['cpu_ms_per_episode'])} ms. "
         f"Unexpected episodes: {ov['unexpected']}.",
         "",
@@ -857,7 +874,7 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(row['lag_max_ms'], 1)} | {fmt(row['cpu_ms_per_episode'], 1)} | {row['load']} |"
         )
     stress = results.get("stress")
-    if stress:
+    if stress and "delay_s" in stress:
         lines += [
             "",
             f"Short delays (Lp = Lu = {stress['delay_s']:g} s) at C = {stress['concurrency']}: "
@@ -866,6 +883,17 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(stress['doubles_cpu_ms_per_episode'], 1)} ms in the doubles' process, lag p99 "
             f"{fmt(stress['lag_p99_ms'], 0)} ms). With the LLMs this fast the harness's own CPU sets the pace: this "
             "is the most this process delivers on this machine.",
+        ]
+    threads = (stress or {}).get("threads")
+    if threads:
+        lines += [
+            "",
+            f"The C = {threads['concurrency']} wave again with the episodes' CPU work (environment set-up, first "
+            f"prompt, tau2's verdict) in {threads['workers']} worker threads (`TAU2_CPU_WORKERS={threads['workers']}`) "
+            f"instead of on the loop (the default): {threads['fraction']:.1%} of the bound, wall "
+            f"{fmt(threads['wall_s'])} s, lag p99 {fmt(threads['lag_p99_ms'], 1)} ms, max "
+            f"{fmt(threads['lag_max_ms'], 1)} ms. The work holds the GIL either way; in threads the loop's socket "
+            "calls also queue behind it for the GIL.",
         ]
     lines += [
         "",
@@ -972,9 +1000,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {row['piece']} | {fmt(row['ms'])} |")
     lines += [
         "",
-        f"At C = {top} these pieces are paid {top} times in a burst when the wave starts (setup) and again when it "
-        "ends (evaluation); they hold the GIL (pydantic, Jinja, tau2's Python) even in worker threads, so they "
-        "serialize and stretch the wave past the floor.",
+        f"At C = {top} these pieces are paid {top} times in bursts: environments and first prompts after the first "
+        "LLM replies, verdicts when the wave ends. They hold the GIL (pydantic, Jinja, tau2's Python) even in worker "
+        "threads, so they serialize; the engine runs them on the loop (`run_cpu`).",
         "",
     ]
     return "\n".join(lines)
@@ -986,9 +1014,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ov, mem, cmp_ = results["overhead"], results["memory"], results["gym_compare"]
     return [
         {
-            "target": f"harness overhead <= {TARGETS['overhead_ms_per_turn']:g} ms per turn (median)",
-            "measured": f"{ov['per_turn_ms']['median']:.3f} ms harness (p99 {ov['per_turn_ms']['p99']:.3f}), "
-            f"{ov['per_turn_in_process_ms']['median']:.3f} ms in-process",
+            "target": f"harness overhead <= {TARGETS['overhead_ms_per_turn']:g} ms per turn (median): all but the "
+            "LLM waits the engine sees",
+            "measured": f"{ov['per_turn_in_process_ms']['median']:.3f} ms in-process "
+            f"(p99 {ov['per_turn_in_process_ms']['p99']:.3f})",
+            "met": ov["per_turn_in_process_ms"]["median"] <= TARGETS["overhead_ms_per_turn"],
+        },
+        {
+            "target": "the same, counting HTTP on both ends (client and server framework) as harness",
+            "measured": f"{ov['per_turn_ms']['median']:.3f} ms (p99 {ov['per_turn_ms']['p99']:.3f})",
             "met": ov["per_turn_ms"]["median"] <= TARGETS["overhead_ms_per_turn"],
         },
         {

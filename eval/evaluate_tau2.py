@@ -619,7 +619,7 @@ async def play_episodes(
     """Play the pending (task, trial) pairs, `--concurrency` at a time; each record is on disk when it finishes."""
     from tqdm import tqdm
 
-    from rollout.engine import TokenAgent, run_episode, setup_episode, user_tools_of
+    from rollout.engine import TokenAgent, prepare_episode, run_episode
     from rollout.policy_client import RetryPolicy, build_policy_client
     from rollout.user_sim import build_user, close_user_clients
 
@@ -639,13 +639,13 @@ async def play_episodes(
             sampling["sampling_seed" if args.policy_api == "sglang" else "seed"] = seed
         user = None
         try:
-            env, view = await setup_episode(task, config)
+            setup = await prepare_episode(task, config)
             if not config.solo_mode:
-                user = build_user(user_config, task, user_tools_of(env), clients)
+                user = build_user(user_config, task, setup.user_tools, clients)
             agent = TokenAgent(
                 policy,
                 tokenizer,
-                view,
+                setup.view,
                 sampling,
                 max_response_tokens=args.max_response_tokens,
                 max_context_tokens=max_context_tokens,
@@ -655,7 +655,7 @@ async def play_episodes(
         except Exception as err:  # a task the engine cannot set up is an infrastructure failure, not a bad policy
             return failed_result(task, config, err), seed
         try:
-            return await run_episode(task, agent, user, config, env=env), seed
+            return await run_episode(task, agent, user, config, env=setup.env), seed
         finally:
             if user is not None:
                 await user.aclose()

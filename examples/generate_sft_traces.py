@@ -327,21 +327,20 @@ class Generator:
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
         )
 
-    def _user(self, task: Any, env: Any) -> Any:
+    def _user(self, task: Any, user_tools: list[Any] | None) -> Any:
         if self.args.solo:
             return None
         if self.args.source == "gold":
             from rollout.scripted import ScriptedUser
 
             return ScriptedUser(task)  # performs each gold device action the agent asks for
-        from rollout.engine import user_tools_of
         from rollout.user_sim import build_user
 
-        return build_user(self.user_config, task, user_tools_of(env), self.user_clients)
+        return build_user(self.user_config, task, user_tools, self.user_clients)
 
     async def play(self, task: Any, attempt: int) -> AttemptRecord:
         from reward.partial_credit import compute_partial_score
-        from rollout.engine import run_episode, setup_episode
+        from rollout.engine import prepare_episode, run_episode
 
         args = self.args
         config = self.episode_config()
@@ -349,13 +348,13 @@ class Generator:
             source=args.source, task_id=task.id, attempt=attempt, solo_mode=args.solo, status="failed"
         )
         try:
-            env, view = await setup_episode(task, config)
-            user = self._user(task, env)
-            agent = self._agent(task, view, config)
+            setup = await prepare_episode(task, config)
+            user = self._user(task, setup.user_tools)
+            agent = self._agent(task, setup.view, config)
         except Exception as err:  # a setup failure is this attempt's, not the run's
             record.failure = f"setup: {type(err).__name__}: {err}"
             return record
-        result = await run_episode(task, agent, user, config, env=env)
+        result = await run_episode(task, agent, user, config, env=setup.env)
         checks = result.reward_info if result.status == "completed" else result.truncated_checks
         partial, components = compute_partial_score(checks)
         record = record.model_copy(
@@ -398,7 +397,7 @@ class Generator:
             policy_variant=config.policy_variant,
         )
         try:
-            row = row_from_episode(view, result, metadata)
+            row = row_from_episode(setup.view, result, metadata)
         except RowError as err:
             record.drop_reason = str(err)
             return record

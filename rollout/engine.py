@@ -8,16 +8,18 @@ GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py)
 
 Semantics follow tau2/orchestrator/orchestrator.py: the fixed greeting, one step per routed message, max_steps and
 max_errors checked when the next recipient is not the environment, tool errors counted, user stop tokens, the agent
-seeing only its own messages, user text and its own tool results. Nothing here blocks the event loop: network calls
-are async, and CPU work above ~1 ms (environment construction, tau2's evaluator) runs in a worker thread.
+seeing only its own messages, user text and its own tool results. Network calls are async; CPU work (environment
+construction, the first prompt, tau2's evaluator: 0.3-6 ms pieces) goes through `run_cpu`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import os
+import pickle
 import sys
 import threading
 import time
@@ -25,6 +27,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
@@ -75,31 +78,59 @@ COMPACT_POLICY_NOTE = (
 
 
 _CPU_POOL: ThreadPoolExecutor | None = None
-_CPU_POOL_LOCK = threading.Lock()
+_CPU_SETUP_DONE = False
+_CPU_LOCK = threading.Lock()
 
 
-def _cpu_pool() -> ThreadPoolExecutor:
-    global _CPU_POOL
-    with _CPU_POOL_LOCK:
-        if _CPU_POOL is None:
-            workers = _env_int("TAU2_CPU_WORKERS", 2) or 2
-            _CPU_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tau2-cpu")
-            switch_ms = float(os.environ.get("TAU2_GIL_SWITCH_INTERVAL_MS", "1"))
-            if switch_ms > 0:
-                # CPython's convoy effect: with the default 5 ms switch interval, every socket call of the event loop
-                # releases the GIL and can wait up to 5 ms to get it back from a worker; 64 episodes' sends in one
-                # loop turn then stall it for ~0.5 s. At 1 ms the loop's max lag drops ~7x (measured: 460 -> 67 ms).
-                sys.setswitchinterval(switch_ms / 1000.0)
+def _make_pool(workers: int) -> ThreadPoolExecutor | None:
+    if workers <= 0:
+        return None
+    switch_ms = float(os.environ.get("TAU2_GIL_SWITCH_INTERVAL_MS", "1"))
+    if switch_ms > 0:
+        # CPython's convoy effect: every socket call of the loop releases the GIL and waits up to the switch interval
+        # (5 ms by default) to get it back from a worker thread.
+        sys.setswitchinterval(switch_ms / 1000.0)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tau2-cpu")
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    """The worker threads for CPU work (None: run it on the loop), set up with the process's GC settings once."""
+    global _CPU_POOL, _CPU_SETUP_DONE
+    with _CPU_LOCK:
+        if not _CPU_SETUP_DONE:
+            _CPU_SETUP_DONE = True
+            gen0 = _env_int("TAU2_GC_GEN0_THRESHOLD", 20000) or 0
+            if gen0 > gc.get_threshold()[0]:
+                # A batch allocates millions of short-lived objects (environments, messages): at Python's default of
+                # 700 the young-generation collections and the full ones they cascade into stalled a 256-episode
+                # batch for ~0.7 s in all (measured with gc.callbacks); freed by reference counting, they need no GC.
+                gc.set_threshold(gen0, *gc.get_threshold()[1:])
+            _CPU_POOL = _make_pool(_env_int("TAU2_CPU_WORKERS", 0) or 0)
         return _CPU_POOL
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run CPU work (environment set-up, prompt encoding, tau2's verdict) in a small thread pool.
+def set_cpu_workers(workers: int) -> None:
+    """From now on run CPU work in `workers` threads (0: on the loop), as TAU2_CPU_WORKERS does at start-up."""
+    global _CPU_POOL
+    _cpu_pool()
+    with _CPU_LOCK:
+        old, _CPU_POOL = _CPU_POOL, _make_pool(workers)
+    if old is not None:
+        old.shutdown(wait=False)
 
-    The work holds the GIL, so more threads add no throughput; they only make the event loop wait longer for it.
-    Two workers (TAU2_CPU_WORKERS) keep the loop's lag low while 64+ episodes finish at once. Creating the pool also
-    sets the interpreter's GIL switch interval to TAU2_GIL_SWITCH_INTERVAL_MS (default 1; 0 keeps Python's 5 ms)."""
-    return await asyncio.get_running_loop().run_in_executor(_cpu_pool(), functools.partial(fn, *args))
+
+async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
+    """Run an episode's CPU work (environment set-up, first prompt, tau2's verdict): on the loop by default.
+
+    The work holds the GIL, so threads add no throughput, and with threads the loop's socket calls queue for the GIL
+    behind them (the convoy effect): 256 episodes finished 0.5 s later in a batch with a 2-thread pool than inline
+    (docs/benchmarks.md). Each piece is short (0.3-6 ms); TAU2_CPU_WORKERS=N moves it to N threads anyway, where a
+    loop must stay responsive to other work (TAU2_GIL_SWITCH_INTERVAL_MS then sets the switch interval; default 1).
+    Also raises the cyclic GC's young-generation threshold to TAU2_GC_GEN0_THRESHOLD (default 20000; never lowered)."""
+    pool = _cpu_pool()
+    if pool is None:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -189,6 +220,24 @@ def _database_templates(constructor: Any) -> dict[str, Any]:
     return found
 
 
+class _DatabaseCopier:
+    """Fresh copies of a parsed database: unpickling a snapshot is ~3x faster than pydantic's deep copy (0.17 vs
+    0.59 ms for telecom). A database that does not survive the round trip unchanged is deep-copied instead."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        try:
+            blob: bytes | None = pickle.dumps(db, protocol=pickle.HIGHEST_PROTOCOL)
+            if pickle.loads(blob).model_dump(mode="json") != db.model_dump(mode="json"):
+                blob = None
+        except Exception:  # an object pickle cannot take
+            blob = None
+        self.blob = blob
+
+    def copy(self) -> Any:
+        return pickle.loads(self.blob) if self.blob is not None else self.db.model_copy(deep=True)
+
+
 def fast_env_constructor(domain: str) -> Any:
     """tau2's environment constructor for the domain, made ~10x faster and installed in tau2's registry.
 
@@ -200,13 +249,13 @@ def fast_env_constructor(domain: str) -> Any:
         constructor = registry.get_env_constructor(domain)
         if getattr(constructor, "recipe_fast", False):
             return constructor
-        templates = _database_templates(constructor)
+        templates = {name: _DatabaseCopier(db) for name, db in _database_templates(constructor).items()}
 
         def fast(*args: Any, **kwargs: Any) -> Environment:
             if not args:
-                for name, db in templates.items():
+                for name, copier in templates.items():
                     if kwargs.get(name) is None:
-                        kwargs[name] = db.model_copy(deep=True)
+                        kwargs[name] = copier.copy()
             return constructor(*args, **kwargs)
 
         fast.recipe_fast = True  # type: ignore[attr-defined]
@@ -215,7 +264,7 @@ def fast_env_constructor(domain: str) -> Any:
 
 
 def build_environment(domain: str, task: Task, solo_mode: bool) -> Environment:
-    """A fresh environment in the task's initial state (CPU work, ~1-10 ms: call it in a worker thread)."""
+    """A fresh environment in the task's initial state (CPU work, ~0.5-10 ms: call it through run_cpu)."""
     constructor = fast_env_constructor(domain)
     env = constructor(solo_mode=True) if solo_mode else constructor()
     initial = task.initial_state
@@ -224,7 +273,7 @@ def build_environment(domain: str, task: Task, solo_mode: bool) -> Environment:
         initialization_actions=initial.initialization_actions if initial else None,
         message_history=[],
     )
-    user_tools_of(env)  # build the user's Tool objects here, in the worker thread
+    user_tools_of(env)  # the first environment of a domain builds the user's Tool objects
     return env
 
 
@@ -248,9 +297,31 @@ def user_tools_of(env: Environment) -> list[Any] | None:
 
 
 async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
-    """Fresh environment (in a worker thread) and the agent's view of the task."""
-    env = await off_loop(build_environment, config.domain, task, config.solo_mode)
+    """Fresh environment and the agent's view of the task."""
+    env = await run_cpu(build_environment, config.domain, task, config.solo_mode)
     return env, task_view(task, env, config)
+
+
+@dataclass
+class EpisodeSetup:
+    """What `prepare_episode` gives: the agent's view, the user's tools, and (first episode of a domain) an env."""
+
+    view: TaskView
+    user_tools: list[Any] | None
+    env: Environment | None  # pass to run_episode(env=...); None: built where the episode first needs it
+
+
+async def prepare_episode(task: Task, config: EpisodeConfig) -> EpisodeSetup:
+    """As `setup_episode`, but without building the environment when the domain's view is known.
+
+    Nothing touches the environment before the first step ends (the first LLM reply), so run_episode builds it
+    then: a batch's first requests go out at once instead of after a burst of environment builds."""
+    shared = _VIEW_CACHE.get((config.domain, config.solo_mode, config.policy_variant))
+    user_key = (config.domain, config.solo_mode)
+    if shared is None or user_key not in _USER_TOOLS_CACHE:
+        env, view = await setup_episode(task, config)
+        return EpisodeSetup(view=view, user_tools=user_tools_of(env), env=env)
+    return EpisodeSetup(view=_task_view(task, shared, config), user_tools=_USER_TOOLS_CACHE[user_key], env=None)
 
 
 def _stop_tool_schema() -> dict[str, Any]:
@@ -295,7 +366,10 @@ def _domain_view(env: Environment, config: EpisodeConfig) -> _DomainView:
 
 def task_view(task: Task, env: Environment, config: EpisodeConfig) -> TaskView:
     """tau2's own agent prompt (LLMAgent / LLMSoloAgent) and tools, so training matches deployment."""
-    shared = _domain_view(env, config)
+    return _task_view(task, _domain_view(env, config), config)
+
+
+def _task_view(task: Task, shared: _DomainView, config: EpisodeConfig) -> TaskView:
     tools = list(shared.tools)  # the schemas themselves are shared and read-only
     if config.solo_mode:
         if task.ticket is None:
@@ -413,8 +487,8 @@ class TokenAgent:
         """Append template glue for the messages; False if it does not fit in the budget (then nothing is added)."""
         if self.record is None:
             opening = [{"role": "system", "content": self.view.system_prompt}, *self.view.opening, *new_messages]
-            # Rendering and encoding the policy and tools (~8k tokens) takes ~10 ms: keep it off the event loop.
-            self.record = TokenRecord(prompt_ids=await off_loop(self.renderer.prompt_ids, opening))
+            # The opening (~8k tokens) is rendered and encoded in full once per prefix, then ~0.3 ms (ChatRenderer).
+            self.record = TokenRecord(prompt_ids=await run_cpu(self.renderer.prompt_ids, opening))
             return True
         text = self.renderer.continuation_text(new_messages, self._turn_closed)
         ids = self.renderer.encode(text)
@@ -645,7 +719,7 @@ async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None
     return message, "user"
 
 
-async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment) -> None:
+async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment | None) -> None:
     config = ep.config
     if config.solo_mode:
         # tau2 solo: the agent's first turn happens during initialization and is not counted as a step.
@@ -686,6 +760,8 @@ async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Enviro
             if agent_message is not None:
                 message = agent_message
         elif to_role == "env":
+            if env is None:
+                env = await run_cpu(build_environment, config.domain, ep.task, config.solo_mode)
             results = _run_tools(ep, env, message)
             ep.trajectory.extend(results)
             requestor = "assistant" if isinstance(message, AssistantMessage) else "user"
@@ -697,6 +773,8 @@ async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Enviro
             else:
                 to_role = "user"
         ep.step_count += 1
+        if env is None:  # built after the first LLM reply, not in the burst of a batch's first requests
+            env = await run_cpu(build_environment, config.domain, ep.task, config.solo_mode)
         env.sync_tools()
         if to_role == "env":
             continue
@@ -726,7 +804,7 @@ def _simulation(ep: _Episode, started_at: str, duration: float, reason: Terminat
 
 
 def _evaluate(ep: _Episode, simulation: SimulationRun) -> tuple[RewardInfo, RewardInfo | None]:
-    """tau2's verdict, and for a truncated episode the checks tau2 skips (CPU work: run in a worker thread)."""
+    """tau2's verdict, and for a truncated episode the checks tau2 skips (CPU work: call it through run_cpu)."""
     config = ep.config
     info = evaluate_simulation(simulation, ep.task, EvaluationType.ALL, config.solo_mode, config.domain)
     truncated = None
@@ -743,13 +821,12 @@ async def run_episode(
     env: Environment | None = None,
 ) -> EpisodeResult:
     """Play one task to the end and judge it with tau2's evaluator. Never raises for episode-level failures:
-    infrastructure errors (policy or user simulator down past retries, timeouts, bugs) come back as status 'failed'."""
+    infrastructure errors (policy or user simulator down past retries, timeouts, bugs) come back as status 'failed'.
+    `env`: a fresh environment, or None to build one where the episode first needs it (after the first LLM reply)."""
     started = time.perf_counter()
     started_at = get_now()
     ep = _Episode(task, config)
     try:
-        if env is None:
-            env = await off_loop(build_environment, config.domain, task, config.solo_mode)
         play = _play(ep, agent, user, env)
         if config.episode_timeout_s is not None:
             await asyncio.wait_for(play, config.episode_timeout_s)
@@ -796,7 +873,7 @@ async def run_episode(
     if config.evaluate and ep.status != "failed":
         eval_started = time.perf_counter()
         try:
-            info, truncated = await off_loop(_evaluate, ep, simulation)
+            info, truncated = await run_cpu(_evaluate, ep, simulation)
             result.reward = float(info.reward)
             result.reward_info = info.model_dump(mode="json")
             result.truncated_checks = truncated.model_dump(mode="json") if truncated is not None else None

@@ -21,7 +21,7 @@ import os
 import threading
 from typing import Any
 
-from rollout.engine import EpisodeConfig, EpisodeResult, TokenAgent, run_episode, setup_episode, user_tools_of
+from rollout.engine import EpisodeConfig, EpisodeResult, TokenAgent, prepare_episode, run_episode
 from rollout.policy_client import PolicyClient, RetryPolicy, build_policy_client
 from rollout.task_store import get_task_store, task_from_metadata, task_subtask
 from rollout.token_record import ChatRenderer
@@ -173,21 +173,21 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
     try:
         task, domain = resolve_task(sample)
         config = EpisodeConfig.from_env(domain=domain)
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
         user_config = UserSimConfig.from_env()
-        user = None if config.solo_mode else build_user(user_config, task, user_tools_of(env), _USER_CLIENTS)
+        user = None if config.solo_mode else build_user(user_config, task, setup.user_tools, _USER_CLIENTS)
         max_context = getattr(args, "rollout_max_context_len", None)
         agent = TokenAgent(
             policy_for(args),
             tokenizer,
-            view,
+            setup.view,
             sampling_params,
             max_response_tokens=int(sampling_params.get("max_new_tokens") or args.rollout_max_response_len),
             max_context_tokens=int(max_context) if max_context else None,
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
             max_tokens_per_turn=config.max_tokens_per_turn,
         )
-        result = await run_episode(task, agent, user, config, env=env)
+        result = await run_episode(task, agent, user, config, env=setup.env)
         if agent.record is None and result.status != "failed":
             result.status, result.failure = "failed", result.failure or "the episode ended before the policy's turn"
     except Exception as err:  # bad sample or setup failure: report it on the sample, never crash the batch

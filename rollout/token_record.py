@@ -7,8 +7,11 @@ fixed anchor conversation and the anchor's rendering is cut off, so the cost gro
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+import orjson
 
 SpanKind = Literal["sampled", "glue"]
 
@@ -64,44 +67,59 @@ class ChatRenderer:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    _PREFIXES: ClassVar[dict[tuple[int, str], list[int] | None]] = {}  # rendered prefix -> its ids (None: unusable)
+    # (tokenizer, template, digest of the opening before its last message and the tools) -> that part's ids,
+    # or None where the shortcut does not reproduce the full rendering.
+    _PREFIXES: ClassVar[dict[tuple[int, Any, bytes], list[int] | None]] = {}
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """The first prompt: the whole opening conversation with the generation prompt.
 
         Everything before the last message (system prompt with the tools, the greeting) is the same for every task
-        of a domain in dual mode: its ids are encoded once and reused, after checking once that encoding the whole
-        text gives the same ids."""
-        full = self.render(messages, add_generation_prompt=True)
-        if len(messages) < 2:
-            return self.encode(full)
-        prefix = self.render(messages[:-1], add_generation_prompt=False)
-        key = (id(self.tokenizer), prefix)
+        of a domain in dual mode: it is rendered and encoded once, and later prompts render and encode only the last
+        message. The first time a prefix is seen, the shortcut is checked against rendering and encoding the whole
+        conversation; where it differs, that prefix always takes the full path."""
+        if len(messages) < 2 or messages[-2].get("role") != "assistant":
+            return self.encode(self.render(messages, add_generation_prompt=True))
+        try:
+            digest = hashlib.blake2b(orjson.dumps([messages[:-1], self.tools]), digest_size=16).digest()
+        except TypeError:  # a value JSON cannot hold: no shortcut
+            return self.encode(self.render(messages, add_generation_prompt=True))
+        key = (id(self.tokenizer), getattr(self.tokenizer, "chat_template", None), digest)
         if key not in self._PREFIXES:
-            if len(self._PREFIXES) >= 64:  # solo-mode system prompts differ per task: keep the cache small
+            if len(self._PREFIXES) >= 64:  # a bounded cache: prefixes that differ per task would grow it forever
                 self._PREFIXES.pop(next(iter(self._PREFIXES)))
+            full = self.render(messages, add_generation_prompt=True)
             ids = self.encode(full)
-            prefix_ids = self.encode(prefix) if full.startswith(prefix) else None
-            ok = prefix_ids is not None and ids == prefix_ids + self.encode(full[len(prefix) :])
+            prefix = self.render(messages[:-1], add_generation_prompt=False)
+            try:
+                tail: str | None = self.new_turns_text(messages[-1:])
+            except ChatTemplateError:
+                tail = None
+            prefix_ids = self.encode(prefix) if tail is not None and full == prefix + tail else None
+            ok = prefix_ids is not None and tail is not None and prefix_ids + self.encode(tail) == ids
             self._PREFIXES[key] = prefix_ids if ok else None
             return ids
         prefix_ids = self._PREFIXES[key]
-        if prefix_ids is None or not full.startswith(prefix):
-            return self.encode(full)
-        return prefix_ids + self.encode(full[len(prefix) :])
+        if prefix_ids is None:
+            return self.encode(self.render(messages, add_generation_prompt=True))
+        return prefix_ids + self.encode(self.new_turns_text(messages[-1:]))
 
-    def continuation_text(self, new_messages: list[dict[str, Any]], sampled_turn_closed: bool) -> str:
-        """Text that follows a sampled assistant turn: its closing (if the model did not write it) and new turns."""
+    def new_turns_text(self, new_messages: list[dict[str, Any]]) -> str:
+        """The rendering of `new_messages` after a closed assistant turn, with the generation prompt."""
         full = self.render(self._anchor + new_messages, add_generation_prompt=True, with_tools=False)
         if not full.startswith(self._anchor_text):
             raise ChatTemplateError(
                 "the chat template re-renders earlier turns when a message is added; "
                 "token-in-token-out needs a template whose rendering of a prefix is stable"
             )
+        return full[len(self._anchor_text) :]
+
+    def continuation_text(self, new_messages: list[dict[str, Any]], sampled_turn_closed: bool) -> str:
+        """Text that follows a sampled assistant turn: its closing (if the model did not write it) and new turns."""
         closing = (
             self.after_end_of_turn_text if sampled_turn_closed else self.end_of_turn_text + self.after_end_of_turn_text
         )
-        return closing + full[len(self._anchor_text) :]
+        return closing + self.new_turns_text(new_messages)
 
 
 @dataclass

@@ -22,7 +22,7 @@ SECTIONS = (
     "## 6. Evaluator",
     "## 7. Where an episode's CPU goes",
 )
-SETTINGS = {"turns": 2, "token_turns": 6, "concurrency": [1, 4], "gym_complete_episodes": 2}
+SETTINGS = {"turns": 2, "token_turns": 6, "concurrency": [1, 4], "gym_complete_episodes": 2, "threads_compare": 1}
 
 
 def _positive(value: float) -> bool:
@@ -66,6 +66,10 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
         assert _positive(row["episodes_per_s"]) and _positive(row["bound_per_s"])
         assert row["lag_p99_ms"] >= 0 and row["lag_max_ms"] >= row["lag_p99_ms"]
         assert _positive(row["cpu_ms_per_episode"])
+    threads = results["stress"]["threads"]  # the largest C again, CPU work in worker threads
+    assert threads["workers"] == 1 and threads["concurrency"] == 4 and threads["unexpected"] == 0
+    assert 0 < threads["fraction"] <= 1.2
+    assert "worker threads (`TAU2_CPU_WORKERS=1`)" in table
 
     gym = results["gym"]["complete"]
     assert gym["finished"] == gym["episodes"] == SETTINGS["gym_complete_episodes"]
@@ -90,5 +94,5 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     assert _positive(evaluation["speedup"])
 
     assert all(_positive(row["ms"]) for row in results["breakdown"])
-    assert len(results["targets"]) == 4 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
     assert results["meta"]["cores"] >= 1 and results["meta"]["load_before"]
