@@ -786,11 +786,8 @@ async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Enviro
 
 
 def _simulation(ep: _Episode, started_at: str, duration: float, reason: TerminationReason) -> SimulationRun:
-    messages = []
-    for i, msg in enumerate(ep.trajectory):
-        msg = msg.model_copy(deep=True)
-        msg.turn_idx = i
-        messages.append(msg)
+    # Shallow copies with the turn index: the episode is over, so nothing changes the messages they share parts with.
+    messages = [msg.model_copy(update={"turn_idx": i}) for i, msg in enumerate(ep.trajectory)]
     return SimulationRun(
         id=str(uuid.uuid4()),
         task_id=ep.task.id,
