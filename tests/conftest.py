@@ -127,6 +127,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def tok() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer with the recipe's tool template (engine_helpers.real_tokenizer)."""
+    from engine_helpers import real_tokenizer
+
+    return real_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def train_tasks() -> list[Any]:
+    """tau2's telecom train tasks (the store loads them once per process)."""
+    from rollout.task_store import get_task_store
+
+    return get_task_store().tasks("telecom", "train")
+
+
+@pytest.fixture(scope="session")
 def smollm2_model_dir() -> Path:
     return prepare_cpu_model()
 

@@ -9,26 +9,15 @@ import asyncio
 import json
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
+from engine_helpers import gold_script_texts, opening_of, script_responder
 from scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import RetryPolicy, build_policy_client
-from rollout.task_store import get_task_store
 from rollout.token_record import verify_record
 from rollout.tool_format import format_tool_call
 
 FAST_RETRY = RetryPolicy(max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return real_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def train_tasks():
-    return get_task_store().tasks("telecom", "train")
 
 
 def _task_with(tasks, predicate):

@@ -9,26 +9,15 @@ import gc
 import threading
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
+from engine_helpers import gold_script_texts, opening_of, script_responder
 from scripted_policy_server import ScriptedPolicyServer
 
 from rollout import engine
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode, task_view
 from rollout.policy_client import RetryPolicy, build_policy_client
-from rollout.task_store import get_task_store
 from rollout.token_record import ChatRenderer, verify_record
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return real_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def train_tasks():
-    return get_task_store().tasks("telecom", "train")
 
 
 def _full_ids(renderer: ChatRenderer, messages):

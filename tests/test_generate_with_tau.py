@@ -8,17 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from engine_helpers import ROOT, gold_script_texts, real_tokenizer, script_responder
+from engine_helpers import ROOT, gold_script_texts, script_responder
 from scripted_policy_server import Fault, ScriptedPolicyServer
 from slime_standins import OldSample, Sample, slime_args, slime_sampling_params
 
 from rollout import generate_with_tau
 from rollout.task_store import get_task_store
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return real_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,6 @@ FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02,
 
 
 @pytest.fixture(scope="module")
-def train_tasks():
-    return get_task_store().tasks("telecom", "train")
-
-
-@pytest.fixture(scope="module")
 def tok_dir(smollm2_model_dir) -> str:
     return str(smollm2_model_dir)
 
