@@ -123,9 +123,9 @@ async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
     """Run an episode's CPU work (environment set-up, first prompt, tau2's verdict): on the loop by default.
 
     The work holds the GIL, so threads add no throughput, and with threads the loop's socket calls queue for the GIL
-    behind them (the convoy effect): 256 episodes finished 0.5 s later in a batch with a 2-thread pool than inline
-    (docs/benchmarks.md). Each piece is short (0.3-6 ms); TAU2_CPU_WORKERS=N moves it to N threads anyway, where a
-    loop must stay responsive to other work (TAU2_GIL_SWITCH_INTERVAL_MS then sets the switch interval; default 1).
+    behind them (the convoy effect): a batch of 256 episodes finished 0.2-0.6 s later with a 2-thread pool than
+    inline (docs/benchmarks.md). Each piece is short (0.3-6 ms); TAU2_CPU_WORKERS=N moves it to N threads anyway,
+    where a loop must stay responsive to other work (TAU2_GIL_SWITCH_INTERVAL_MS then sets the switch interval).
     Also raises the cyclic GC's young-generation threshold to TAU2_GC_GEN0_THRESHOLD (default 20000; never lowered)."""
     pool = _cpu_pool()
     if pool is None:
