@@ -37,6 +37,18 @@ def _rows():
     return build_rows("telecom", "train", "train")
 
 
+def _generate(args, sample, sampling_params):
+    """One generate() call on a fresh loop; its HTTP sessions are closed as a script ending its loop must do."""
+
+    async def run():
+        try:
+            return await generate_with_tau.generate(args, sample, sampling_params)
+        finally:
+            await generate_with_tau.close_clients()
+
+    return asyncio.run(run())
+
+
 def test_signature_matches_slime_plugin_contract():
     params = list(inspect.signature(generate_with_tau.generate).parameters)
     assert params[:3] == ["args", "sample", "sampling_params"]
@@ -55,7 +67,7 @@ def test_generate_fills_sample_from_metadata_row(tok, model_dir, scripted_env):
     with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
         args = slime_args(model_dir, _port(url))
         sample = Sample(prompt=row["index"], metadata=json.loads(json.dumps(row["metadata"])))
-        out = asyncio.run(generate_with_tau.generate(args, sample, slime_sampling_params()))
+        out = _generate(args, sample, slime_sampling_params())
     assert out is sample
     assert out.status == Sample.Status.COMPLETED
     assert out.reward == 1.0
@@ -73,9 +85,7 @@ def test_generate_resolves_index_prompt(tok, model_dir, scripted_env, monkeypatc
     texts = gold_script_texts(task, solo_mode=False)
     with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
         sample = Sample(prompt=3)
-        out = asyncio.run(
-            generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
-        )
+        out = _generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
     assert out.metadata["task_id"] == task.id
     assert out.reward == 1.0
 
@@ -89,7 +99,7 @@ def test_server_down_gives_failed_sample_never_raises(tok, model_dir, scripted_e
     monkeypatch.setattr(generate_with_tau, "RetryPolicy", lambda: RetryPolicy(max_retries=1, backoff_base_s=0.01))
     generate_with_tau._POLICIES.clear()
     sample = sample_cls(prompt=0, metadata=dict(row["metadata"]))
-    out = asyncio.run(generate_with_tau.generate(slime_args(model_dir, 9), sample, slime_sampling_params()))
+    out = _generate(slime_args(model_dir, 9), sample, slime_sampling_params())
     assert out.status == getattr(sample_cls.Status, expected)
     assert out.remove_sample is True
     assert out.response_length >= 1 and sum(out.loss_mask) == 0  # never an empty or trainable response
@@ -100,7 +110,7 @@ def test_server_down_gives_failed_sample_never_raises(tok, model_dir, scripted_e
 
 def test_bad_sample_is_reported_not_raised(tok, model_dir, scripted_env):
     sample = Sample(prompt="not a task", metadata={})
-    out = asyncio.run(generate_with_tau.generate(slime_args(model_dir, 9), sample, slime_sampling_params()))
+    out = _generate(slime_args(model_dir, 9), sample, slime_sampling_params())
     assert out.status == Sample.Status.FAILED and out.remove_sample
     assert "the sample has no task" in out.metadata["failure"]
 
@@ -109,9 +119,7 @@ def test_abort_maps_to_aborted(tok, model_dir, scripted_env):
     row = _rows()[1]
     with ScriptedPolicyServer(tok, lambda p, q: Fault(abort=True, text="Hel")) as url:
         sample = Sample(prompt=1, metadata=dict(row["metadata"]))
-        out = asyncio.run(
-            generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
-        )
+        out = _generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
     assert out.status == Sample.Status.ABORTED
     assert len(out.loss_mask) == out.response_length == len(out.rollout_log_probs)
 
@@ -120,9 +128,7 @@ def test_budget_from_sampling_params(tok, model_dir, scripted_env):
     row = _rows()[0]
     with ScriptedPolicyServer(tok, lambda p, q: "Let me check that for you. " * 20) as url:
         sample = Sample(prompt=0, metadata=dict(row["metadata"]))
-        out = asyncio.run(
-            generate_with_tau.generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params(300))
-        )
+        out = _generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params(300))
     assert out.status == Sample.Status.TRUNCATED
     assert 0 < out.response_length <= 300
     assert out.metadata["termination_reason"] == "max_tokens"
