@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import slime_standins
 
 from reward.partial_credit import (
     PartialWeights,
@@ -316,31 +319,11 @@ def test_post_process_reports_a_bad_setting(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Sample:
-    """slime's Sample, reduced to the fields the post-process reads and writes."""
+@dataclass
+class Sample(slime_standins.Sample):
+    """The shared slime Sample stand-in as a finished rollout hands it to the post-process: COMPLETED by default."""
 
-    class Status(Enum):
-        PENDING = "pending"
-        COMPLETED = "completed"
-        TRUNCATED = "truncated"
-        ABORTED = "aborted"
-        FAILED = "failed"
-
-    def __init__(
-        self,
-        reward: Any = None,
-        status: Any = None,
-        metadata: dict | None = None,
-        remove_sample: bool = False,
-        group_index: int | None = None,
-        index: int = 0,
-    ) -> None:
-        self.reward = reward
-        self.status = status if status is not None else Sample.Status.COMPLETED
-        self.metadata = metadata if metadata is not None else {}
-        self.remove_sample = remove_sample
-        self.group_index = group_index
-        self.index = index
+    status: Any = slime_standins.Sample.Status.COMPLETED
 
 
 class OldStatus(Enum):
