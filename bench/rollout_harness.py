@@ -387,9 +387,12 @@ def section_overhead(bench: Bench) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- section 2
 
 
-def section_throughput(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def section_throughput(
+    bench: Bench,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
     """One wave per concurrency, largest first (its RSS growth is measured from a heap not yet grown by others);
-    then, optionally, the largest C again with short delays, where the harness's own CPU sets the pace."""
+    then, optionally, the largest C again with short delays (the harness's own CPU sets the pace) and with CPU work
+    in worker threads."""
     s = bench.settings
     rows = []
     for concurrency in sorted(set(s.concurrency), reverse=True):
@@ -405,6 +408,7 @@ def section_throughput(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, An
         stress = asyncio.run(ours_wave(bench, top, s.turns, delay, delay))
         stress.update(load=load_line(), delay_s=delay)
         print(f"  C={top}, {delay:g} s delays: {stress['episodes_per_s']:.1f} episodes/s", flush=True)
+    threads = None
     if s.threads_compare > 0:
         from rollout.engine import set_cpu_workers
 
@@ -416,9 +420,8 @@ def section_throughput(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, An
         finally:
             set_cpu_workers(0)
         threads.update(load=load_line(), workers=s.threads_compare)
-        stress = {**(stress or {}), "threads": threads}
         print(f"  C={top}, CPU work in {s.threads_compare} threads: {threads['fraction']:.1%} of the bound", flush=True)
-    return sorted(rows, key=lambda r: r["concurrency"]), stress
+    return sorted(rows, key=lambda r: r["concurrency"]), stress, threads
 
 
 # ---------------------------------------------------------------------------------------------------- section 3
@@ -874,7 +877,7 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(row['lag_max_ms'], 1)} | {fmt(row['cpu_ms_per_episode'], 1)} | {row['load']} |"
         )
     stress = results.get("stress")
-    if stress and "delay_s" in stress:
+    if stress:
         lines += [
             "",
             f"Short delays (Lp = Lu = {stress['delay_s']:g} s) at C = {stress['concurrency']}: "
@@ -884,7 +887,7 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(stress['lag_p99_ms'], 0)} ms). With the LLMs this fast the harness's own CPU sets the pace: this "
             "is the most this process delivers on this machine.",
         ]
-    threads = (stress or {}).get("threads")
+    threads = results.get("threads")
     if threads:
         lines += [
             "",
@@ -1080,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         print("1. harness overhead", flush=True)
         results["overhead"] = section_overhead(bench)
         print("2. throughput", flush=True)
-        results["throughput"], results["stress"] = section_throughput(bench)
+        results["throughput"], results["stress"], results["threads"] = section_throughput(bench)
         results["gym_compare"] = compare_gym(bench, results["gym"], results["throughput"])
         top = max(results["throughput"], key=lambda r: r["concurrency"])
         results["memory"] = {k: top[k] for k in ("concurrency", "rss_before_mb", "rss_peak_mb", "mb_per_episode")}

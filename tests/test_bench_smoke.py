@@ -66,7 +66,7 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
         assert _positive(row["episodes_per_s"]) and _positive(row["bound_per_s"])
         assert row["lag_p99_ms"] >= 0 and row["lag_max_ms"] >= row["lag_p99_ms"]
         assert _positive(row["cpu_ms_per_episode"])
-    threads = results["stress"]["threads"]  # the largest C again, CPU work in worker threads
+    threads = results["threads"]  # the largest C again, CPU work in worker threads
     assert threads["workers"] == 1 and threads["concurrency"] == 4 and threads["unexpected"] == 0
     assert 0 < threads["fraction"] <= 1.2
     assert "worker threads (`TAU2_CPU_WORKERS=1`)" in table
