@@ -28,10 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from games import FrameworkUnavailable, Game, GameState, UnknownTask, open_game, task_id
 from nemo_gym.base_resources_server import (
     BaseResourcesServerConfig,
@@ -42,6 +38,7 @@ from nemo_gym.base_resources_server import (
     SimpleResourcesServer,
 )
 from nemo_gym.server_utils import SESSION_ID_KEY
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "nemo_gym_tales.yaml"
@@ -374,8 +371,8 @@ def load_config(path: Path, host: str, port: int, **overrides: Any) -> TalesReso
         section = (top or {}).get("resources_servers", {}).get(SERVER_KEY)
         if section is not None:
             known = set(TalesResourcesServerConfig.model_fields)
-            values = {k: v for k, v in section.items() if k in known} | {"name": top_name}
-            return TalesResourcesServerConfig(**values, host=host, port=port, **overrides)
+            values = {k: v for k, v in section.items() if k in known}
+            return TalesResourcesServerConfig(**(values | {"name": top_name, "host": host, "port": port} | overrides))
     raise SystemExit(f"app.py: {path} has no resources_servers.{SERVER_KEY} section")
 
 

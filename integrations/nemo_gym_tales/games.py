@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -345,6 +346,19 @@ def ensure_textworld_game(task: str, split: str, episode: int, games_dir: Path |
     return game
 
 
+BANNER_CHARS = frozenset(" _$|\\/<>")
+
+
+def clean_textworld(text: str) -> str:
+    """Drop the intro's ~1,500-character ASCII-art logo, the trailing '>' prompt and runs of blank lines."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and set(lines[0]) <= BANNER_CHARS:
+        lines.pop(0)
+    while lines and (not lines[-1] or lines[-1].startswith(">")):
+        lines.pop()
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+
+
 class TextWorldGame(Game):
     def __init__(self, gamefile: Path) -> None:
         import textworld
@@ -369,11 +383,11 @@ class TextWorldGame(Game):
     def reset(self) -> GameState:
         state = self.env.reset()
         self.walkthrough = list(state["extra.walkthrough"] or [])
-        return self._state(state.feedback, state, False)
+        return self._state(clean_textworld(state.feedback), state, False)
 
     def step(self, command: str) -> GameState:
         state, _score, done = self.env.step(command)
-        return self._state(state.feedback, state, done)
+        return self._state(clean_textworld(state.feedback), state, done)
 
     def close(self) -> None:
         self.env.close()
