@@ -162,9 +162,10 @@ class GameSession:
         response = await self.client.post(path, json=body or {})
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
+                payload = response.json()
             except ValueError:
-                detail = response.text
+                payload = response.text
+            detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
             raise ServerError(path, response.status_code, str(detail))
         return response.json()
 

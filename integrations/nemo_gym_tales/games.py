@@ -359,6 +359,11 @@ def clean_textworld(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
+# TextWorld's logic parser is a module-level global (tatsu) that breaks when two threads load games at once: every
+# TextWorld call holds this lock (steps take milliseconds).
+TEXTWORLD_LOCK = threading.Lock()
+
+
 class TextWorldGame(Game):
     def __init__(self, gamefile: Path) -> None:
         import textworld
@@ -366,7 +371,8 @@ class TextWorldGame(Game):
         infos = textworld.EnvInfos(
             score=True, max_score=True, won=True, lost=True, moves=True, feedback=True, extras=["walkthrough"]
         )
-        self.env = textworld.start(str(gamefile), infos)
+        with TEXTWORLD_LOCK:
+            self.env = textworld.start(str(gamefile), infos)
         self.walkthrough = []
 
     def _state(self, obs: str, info: dict, done: bool) -> GameState:
@@ -381,16 +387,19 @@ class TextWorldGame(Game):
         )
 
     def reset(self) -> GameState:
-        state = self.env.reset()
+        with TEXTWORLD_LOCK:
+            state = self.env.reset()
         self.walkthrough = list(state["extra.walkthrough"] or [])
         return self._state(clean_textworld(state.feedback), state, False)
 
     def step(self, command: str) -> GameState:
-        state, _score, done = self.env.step(command)
+        with TEXTWORLD_LOCK:
+            state, _score, done = self.env.step(command)
         return self._state(clean_textworld(state.feedback), state, done)
 
     def close(self) -> None:
-        self.env.close()
+        with TEXTWORLD_LOCK:
+            self.env.close()
 
 
 class TextWorld(Framework):
