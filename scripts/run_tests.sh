@@ -6,7 +6,8 @@
 #   bash scripts/run_tests.sh --dry-run  # print the commands instead of running them
 #   bash scripts/run_tests.sh -- -k engine   # extra arguments after -- go to pytest
 #
-# Knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3), SKIP_INSTALL=1.
+# Knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3), SKIP_INSTALL=1,
+# TALES_TESTS=0 (skip integrations/nemo_gym_tales, which builds its own Python 3.12 environment).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,3 +53,11 @@ if [[ "$FAST" == 1 ]]; then
   MARKS=(-m "not slow")
 fi
 run "$VENV/bin/python" -m pytest "${MARKS[@]}" "${PYTEST_EXTRA[@]}"
+
+# The TALES resources server for NeMo Gym: its own Python >= 3.12 environment and tests (skipped, with the reason,
+# where no such Python exists). TALES_TESTS=0 leaves it out.
+if [[ "${TALES_TESTS:-1}" == 1 ]]; then
+  TALES_FLAGS=()
+  [[ "$FAST" == 1 ]] && TALES_FLAGS+=(--fast)
+  run env RECIPE_PYTHON="$VENV/bin/python" bash integrations/nemo_gym_tales/run_tests.sh "${TALES_FLAGS[@]}"
+fi
