@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import socket
 import sys
-import time
 
 import pytest
 from fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
@@ -219,13 +218,15 @@ def test_backoff_is_exponential_with_jitter_and_capped():
     assert backoff_delay(1, 0.5, 5.0, retry_after=700.0) == 5.0
 
 
-def test_parse_retry_after():
+def test_parse_retry_after(monkeypatch):
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("0.25") == 0.25
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
-    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= parse_retry_after(http_date) <= 31
+    now = 1445412450.0  # 07:27:30 GMT on the day below: a fixed clock, so the answer is exact
+    monkeypatch.setattr(chat_client.time, "time", lambda: now)
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 30.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT") == 0.0  # a date in the past: retry now
 
 
 def test_400_is_not_retried(server):
