@@ -53,7 +53,6 @@ class ChatCompletion(BaseModel):
     completion_tokens: int = 0
     latency_s: float = 0.0
     attempts: int = 1
-
     reasks: int = 0  # unusable replies asked again before this one
 
     def is_empty(self) -> bool:

@@ -19,8 +19,9 @@ Configuration comes from the environment (`UserSimConfig.from_env`):
 
 A reply the user cannot use (empty, or a tool call whose arguments are not a JSON object) is asked again up to 3
 times, as tau2 asks again after an empty reply; after that, or past any of the bounds above, the turn fails with
-UserSimulatorError and the episode ends as an infrastructure failure (not trained on, not scored as the policy's
-fault). A hung user-simulator server therefore holds an episode for at most TAU2_USER_CALL_TIMEOUT_S per turn.
+UserSimulatorError and the episode ends as an infrastructure failure (status "failed", reason infra_error), which
+GRPO keeps out of training. A hung user-simulator server holds an episode for at most TAU2_USER_CALL_TIMEOUT_S per
+turn.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class LLMUser:
         problem = completion.problem(require_json_arguments=True)
         if problem is not None:
             asks = completion.reasks + 1
-            raise UserSimulatorError(f"the user simulator sent {problem} ({asks} time(s) in a row)")
+            raise UserSimulatorError(f"the user simulator sent {problem}, {asks} time(s) in a row")
         message = UserMessage(
             role="user",
             content=completion.content,
