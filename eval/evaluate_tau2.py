@@ -18,7 +18,9 @@ Files (for --output-path results.json):
   domain, split, episode limits, sampling, solo mode, tau2 version) is refused unless --overwrite.
 - results.json: every metric of eval/metrics.py, the per-episode list `results` and the full run configuration,
   always rebuilt from the JSONL (for the selected tasks and trials), written atomically.
-- results.md / results.png: Markdown summary and chart (eval/report.py). results.server.log: a started server's log.
+- results.md / results.png: Markdown summary and chart (eval/report.py). results.server.log: a started server's log;
+  results.server.pid: the started server while it runs (a run killed outright leaves it; the next run adopts that
+  server or stops it, and says which).
 
 Exit codes: 0 done; 1 runtime failure (server could not start, every episode failed); 2 bad input (unknown domain,
 split or task id, missing checkpoint, unreachable server, results from another configuration); 130 interrupted.
@@ -513,24 +515,24 @@ def serve_policy(args: argparse.Namespace, checkpoint: str | None, server_log: P
         extra_args=split_server_args(args.server_args),
         ready_timeout_s=float(args.server_timeout),
         log_path=str(server_log),
+        owner_file=str(server_log.with_suffix(".pid")),  # a run killed outright: the next one adopts or stops it
     )
     from eval.serving import is_healthy
 
     if not is_healthy(spec.url):
         problem = launcher_problem(args.server_launcher)
         if problem:
-            raise UsageError(problem)
+            raise UsageError(f"no policy server answers at {spec.url} and none can be started here: {problem}")
         info(f"starting a {args.server_launcher} server for {checkpoint} on port {args.sglang_port} (log {server_log})")
     try:
-        with policy_server(spec) as server:
-            if not server.started:
+        with policy_server(spec, say=info) as server:
+            if not server.started and not server.adopted:
                 reported = served_model_info(server.url).get("model_path")
                 if reported and not same_model(reported, checkpoint):
                     raise UsageError(
                         f"a server on port {args.sglang_port} serves '{reported}', not '{checkpoint}'; stop it or "
                         "choose another --sglang-port"
                     )
-                info(f"using the server already answering at {server.url}")
             yield server
     except ServerStartError as err:
         raise RunFailure(str(err)) from None
@@ -840,6 +842,7 @@ def run(args: argparse.Namespace) -> int:
     task_ids = [task.id for task in tasks]
 
     log = EpisodeLog(paths["episodes"])
+    created = not paths["episodes"].exists()
     log.open()
     try:
         records = log.read()
@@ -897,6 +900,9 @@ def run(args: argparse.Namespace) -> int:
                 )
         records = log.read(repair=False)  # the summary always comes from the file
     finally:
+        with contextlib.suppress(OSError):
+            if created and paths["episodes"].stat().st_size == 0:  # stopped before any episode: no empty log left
+                paths["episodes"].unlink()
         log.close()
 
     summary = build_summary(

@@ -7,15 +7,19 @@ call, no invalid turns, something to train); with --tokenizer (default $HF_CHECK
 computed with the model's chat template: only assistant turns trained (greeting and other `step_loss_mask: 0`
 messages not), each trained turn exactly the text the policy samples, the tokens before the first trained turn equal
 to the rollout's prompt, and at most N tokens. Prints trained-token counts per row, duplicate rows and a stats table;
-exits 1 if any row is broken. --output writes the good rows, deduplicated (same messages -> one row).
+exits 1 if any row is broken (a line that is not JSON, a torn last line included) or the file holds no row, 2 on bad
+arguments (missing file, a tokenizer that does not load). --output writes the good rows, deduplicated (same
+messages -> one row).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,28 +28,70 @@ from rollout.sft_format import (
     RowChecker,
     check_row,
     dedupe_rows,
-    iter_jsonl,
     row_key,
     stats_table,
     write_jsonl_atomic,
 )
 
+PROG = "check_sft_data.py"
+
+
+def read_rows(path: Path) -> tuple[list[Any], dict[int, str]]:
+    """Every non-blank line as a row, strictly: a line that is not JSON stays in the list as None, with the reason
+    under its row index (a torn last line is named as such: its writer was stopped mid-row)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows: list[Any] = []
+    problems: dict[int, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                problems[len(rows)] = (
+                    f"line {number} is torn (not valid JSON, no final newline: its writer was stopped mid-row); "
+                    "finish the run that writes the file, or drop the line (--output writes the good rows)"
+                )
+            else:
+                problems[len(rows)] = f"line {number} is not valid JSON"
+            rows.append(None)
+    return rows, problems
+
 
 def check_file(
     path: Path, tokenizer: object | None = None, max_tokens: int | None = None
-) -> tuple[list[dict], list[RowCheck], int]:
-    """(rows, one check per row, number of duplicate rows)."""
-    rows = list(iter_jsonl(path))
+) -> tuple[list[Any], list[RowCheck], int]:
+    """(rows, one check per row, number of duplicate rows); a row that is not JSON is None with a failed check."""
+    rows, problems = read_rows(path)
     checker = RowChecker(tokenizer, max_tokens) if tokenizer is not None else None
     checks = []
     for i, row in enumerate(rows):
-        checks.append(checker.check(row, i) if checker is not None else check_row(row, None, max_tokens, i))
-    duplicates = len(rows) - len({row_key(row) for row in rows if isinstance(row, dict)})
+        if i in problems:
+            checks.append(RowCheck(index=i, ok=False, error=problems[i]))
+        else:
+            checks.append(checker.check(row, i) if checker is not None else check_row(row, None, max_tokens, i))
+    parsed = [row for i, row in enumerate(rows) if i not in problems and isinstance(row, dict)]
+    duplicates = len(parsed) - len({row_key(row) for row in parsed})
     return rows, checks, duplicates
 
 
+def load_tokenizer(source: str, flag: str) -> Any:
+    """The tokenizer with its chat template; ValueError with a one-line reason if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # transformers raises OSError, ValueError or hub errors for a bad folder
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load a tokenizer from {flag} '{source}': {reason}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer in {flag} '{source}' has no chat template; give the model's folder")
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="check_sft_data.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path)
     parser.add_argument("--tokenizer", default=None, help="HF folder with the chat template (default $HF_CHECKPOINT)")
     parser.add_argument("--max-tokens", type=int, default=None, help="fail rows longer than this")
@@ -53,19 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the good rows here, deduplicated")
     args = parser.parse_args(argv)
     if not args.file.is_file():
-        parser.exit(2, f"check_sft_data.py: error: no such file: {args.file}\n")
-    tokenizer_dir = args.tokenizer or os.environ.get("HF_CHECKPOINT")
+        parser.exit(2, f"{PROG}: error: no such file: {args.file}\n")
     tokenizer = None
-    if tokenizer_dir:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if args.tokenizer or os.environ.get("HF_CHECKPOINT"):
+        flag = "--tokenizer" if args.tokenizer else "$HF_CHECKPOINT"
+        try:
+            tokenizer = load_tokenizer(args.tokenizer or os.environ["HF_CHECKPOINT"], flag)
+        except ValueError as err:
+            parser.exit(2, f"{PROG}: error: {err}\n")
     else:
         print("WARNING: no --tokenizer: checking shape only (no chat template, no loss mask)", file=sys.stderr)
     try:
         rows, checks, duplicates = check_file(args.file, tokenizer, args.max_tokens)
-    except ValueError as err:
-        parser.exit(1, f"check_sft_data.py: error: {err}\n")
+    except (UnicodeDecodeError, OSError) as err:
+        parser.exit(1, f"{PROG}: error: cannot read {args.file}: {err}\n")
+    if not rows:
+        parser.exit(1, f"{PROG}: error: {args.file} holds no rows (the file is empty); nothing to train on\n")
     broken = [c for c in checks if not c.ok]
     if not args.quiet:
         print(f"{'row':>6} {'tokens':>7} {'trained':>8} {'turns':>5}  task")
@@ -84,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = dedupe_rows(rows[c.index] for c in good)
         write_jsonl_atomic(args.output, clean)
         print(f"wrote {len(clean)} rows to {args.output}")
-    return 1 if broken or not rows else 0
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

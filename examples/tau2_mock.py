@@ -7,6 +7,7 @@ Writes DIR/{domain}_{split}_tasks.jsonl with one row per task: {"index": row num
 slime reads it with `--input-key index --metadata-key metadata`; the rollout rebuilds each task from
 metadata["task"] without re-reading tau2's task files. With `--train-set full` (telecom), the train file holds
 telecom's 2285-task generated set minus every test-split task id, and that exclusion is verified before writing.
+All files are written or none: if one cannot be written, the files already in DIR stay as they were.
 """
 
 from __future__ import annotations
@@ -71,17 +72,55 @@ def build_rows(domain: str, split: str, train_set: str) -> list[dict]:
     return rows
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+class OutputError(Exception):
+    """The output files could not be written; none of them was changed."""
+
+
+def _write_temporary(path: Path, rows: list[dict]) -> Path:
+    """The rows in a temporary file beside `path` (removed again if writing fails)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; data files are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def write_all_or_nothing(files: dict[Path, list[dict]]) -> None:
+    """Write every file or none: all are written to temporary files first; then each old file is moved aside and
+    the new one moved in (renames in one directory), and on any failure the old files are put back."""
+    for path in files:
+        if path.is_dir():
+            raise OutputError(f"cannot write {path}: it is a directory; no file was written")
+    temporary: dict[Path, Path] = {}
+    set_aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    current = next(iter(files), None)
+    try:
+        for current, rows in files.items():
+            temporary[current] = _write_temporary(current, rows)
+        for current, tmp in temporary.items():
+            if os.path.lexists(current):
+                set_aside[current] = tmp.with_name(tmp.name + ".old")
+                os.replace(current, set_aside[current])
+            os.replace(tmp, current)
+            placed.append(current)
+    except BaseException as err:  # a full disk, a permission problem, Ctrl-C: put the old files back
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path, old in set_aside.items():
+            os.replace(old, path)
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
+        raise OutputError(f"cannot write {current}: {err.strerror or err}; no file was written") from None
+    for old in set_aside.values():
+        old.unlink(missing_ok=True)
 
 
 def summary_table(written: dict[Path, list[dict]]) -> str:
@@ -156,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         overlap = {row["metadata"]["task_id"] for row in train} & test_ids
         if overlap:
             raise SystemExit(f"tau2_mock.py: error: {len(overlap)} task ids are in both train and test for {domain}")
-    for path, rows in built.items():  # written only after everything was built and checked
-        write_jsonl_atomic(path, rows)
+    try:  # written only after everything was built and checked
+        write_all_or_nothing(built)
+    except OutputError as err:
+        print(f"tau2_mock.py: error: {err}", file=sys.stderr)
+        return 1
     print(summary_table(built))
     print(f"wrote {len(built)} files to {args.local_dir}")
     return 0

@@ -2,13 +2,17 @@
 
 Both run on the caller's asyncio loop and never block it (aiohttp, or google-genai's async API); one client is meant
 to be shared by every concurrent episode of a process. Retries follow one policy: exponential backoff with jitter on
-429 / 408 / 5xx, timeouts and connection errors, honouring `Retry-After`; any other 4xx fails at once. An empty
-reply (no text, no tool calls) is asked again up to `max_empty_retries` times, as tau2's `generate` does, and then
-returned as is.
+429 / 408 / 5xx, timeouts and connection errors, honouring `Retry-After`; any other 4xx fails at once. An unusable
+reply is asked again up to `max_reasks` times and then returned as is: an empty one (no text, no tool calls), as
+tau2's `generate` does, and, when the caller passes `require_json_arguments=True`, one with tool-call arguments that
+are not a JSON object.
+
+Every wait is bounded: each attempt by `timeout_s`, the attempts by `max_retries` and `max_reasks`, and the whole call
+(attempts, backoff sleeps and re-asks together) by `call_timeout_s`; past it the call fails with ChatClientError.
 
 Tool-call arguments that are not a JSON object: tau2's `generate` would raise (json.loads). These clients keep the
 call with `arguments={}` and the unparsed string in `ChatToolCall.raw_arguments`, so the caller decides (the user
-simulator raises, as tau2 would; a teacher agent can show the model an error).
+simulator asks again, then fails; a teacher agent can show the model an error).
 """
 
 from __future__ import annotations
@@ -49,9 +53,24 @@ class ChatCompletion(BaseModel):
     completion_tokens: int = 0
     latency_s: float = 0.0
     attempts: int = 1
+    reasks: int = 0  # unusable replies asked again before this one
 
     def is_empty(self) -> bool:
         return not self.tool_calls and not (self.content or "").strip()
+
+    def malformed_calls(self) -> list[ChatToolCall]:
+        """Tool calls whose arguments were not a JSON object."""
+        return [call for call in self.tool_calls if call.raw_arguments is not None]
+
+    def problem(self, require_json_arguments: bool = False) -> str | None:
+        """Why the reply cannot be used (None when it can)."""
+        if self.is_empty():
+            return "an empty reply (no text, no tool call)"
+        broken = self.malformed_calls() if require_json_arguments else []
+        if broken:
+            shown = ", ".join(f"{call.name}({call.raw_arguments[:80]!r})" for call in broken)
+            return f"tool call arguments that are not a JSON object: {shown}"
+        return None
 
 
 class ChatClientError(RuntimeError):
@@ -193,41 +212,65 @@ class _RetryingClient:
 
     model: str
     max_retries: int
-    max_empty_retries: int
+    max_reasks: int
     backoff_base_s: float
     backoff_max_s: float
     timeout_s: float
+    call_timeout_s: float | None
     _secret: str | None
     _target: str
 
     async def _attempt(self, request: dict[str, Any], timeout_s: float) -> ChatCompletion:
         raise NotImplementedError
 
-    async def _complete(self, request: dict[str, Any], timeout_s: float | None) -> ChatCompletion:
+    async def _complete(
+        self, request: dict[str, Any], timeout_s: float | None, require_json_arguments: bool = False
+    ) -> ChatCompletion:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
-        attempts = failures = empties = 0
+        deadline = started + self.call_timeout_s if self.call_timeout_s else None
+        attempts = failures = reasks = 0
         prompt_tokens = completion_tokens = 0
+        last = "no attempt finished"
+
+        def past_deadline() -> ChatClientError:
+            return ChatClientError(
+                f"{self._target}: no usable reply within the call limit of {self.call_timeout_s:g} s "
+                f"({attempts} attempts; last: {last})"
+            )
+
         while True:
+            attempt_timeout = timeout
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise past_deadline()
+                attempt_timeout = min(timeout, remaining)
             attempts += 1
             try:
-                result = await self._attempt(request, timeout)
+                result = await self._attempt(request, attempt_timeout)
             except _Retryable as err:
                 failures += 1
-                message = redact(str(err), self._secret)
+                last = redact(str(err), self._secret)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise past_deadline() from None
                 if failures > self.max_retries:
                     raise ChatClientError(
-                        f"{self._target}: failed after {attempts} attempts: {message}", status=err.status
+                        f"{self._target}: failed after {attempts} attempts: {last}", status=err.status
                     ) from None
                 delay = backoff_delay(failures, self.backoff_base_s, self.backoff_max_s, err.retry_after)
-                logger.warning("%s: attempt %d failed (%s); retrying in %.2f s", self._target, attempts, message, delay)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise past_deadline() from None
+                logger.warning("%s: attempt %d failed (%s); retrying in %.2f s", self._target, attempts, last, delay)
                 await asyncio.sleep(delay)
                 continue
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-            if result.is_empty() and empties < self.max_empty_retries:
-                empties += 1
-                logger.warning("%s: empty reply, asking again (%d/%d)", self._target, empties, self.max_empty_retries)
+            problem = result.problem(require_json_arguments)
+            if problem is not None and reasks < self.max_reasks:
+                reasks += 1
+                last = problem
+                logger.warning("%s: %s, asking again (%d/%d)", self._target, problem, reasks, self.max_reasks)
                 continue
             return result.model_copy(
                 update={
@@ -235,6 +278,7 @@ class _RetryingClient:
                     "completion_tokens": completion_tokens,
                     "latency_s": time.monotonic() - started,
                     "attempts": attempts,
+                    "reasks": reasks,
                 }
             )
 
@@ -252,7 +296,8 @@ class OpenAIChatClient(_RetryingClient):
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         extra_body: dict[str, Any] | None = None,
-        max_empty_retries: int = 3,
+        max_reasks: int = 3,
+        call_timeout_s: float | None = None,
         max_connections: int = 1024,
     ) -> None:
         if not base_url:
@@ -263,7 +308,8 @@ class OpenAIChatClient(_RetryingClient):
         self._secret = api_key or None
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.max_empty_retries = max_empty_retries
+        self.max_reasks = max_reasks
+        self.call_timeout_s = call_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.extra_body = dict(extra_body or {})
@@ -291,6 +337,7 @@ class OpenAIChatClient(_RetryingClient):
         tool_choice: str | None = None,
         *,
         timeout_s: float | None = None,
+        require_json_arguments: bool = False,
         **params: Any,
     ) -> ChatCompletion:
         body: dict[str, Any] = {"model": self.model, "messages": clean_messages(messages)}
@@ -300,7 +347,7 @@ class OpenAIChatClient(_RetryingClient):
                 body["tool_choice"] = tool_choice
         body.update(self.extra_body)
         body.update(params)
-        return await self._complete(body, timeout_s)
+        return await self._complete(body, timeout_s, require_json_arguments)
 
     async def _attempt(self, request: dict[str, Any], timeout_s: float) -> ChatCompletion:
         headers = {"Content-Type": "application/json"}
@@ -315,7 +362,7 @@ class OpenAIChatClient(_RetryingClient):
                 raw = await response.read()
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
-            raise _Retryable(f"timed out after {timeout_s:g} s") from None
+            raise _Retryable(f"timed out after {timeout_s:.3g} s") from None
         except aiohttp.ClientError as err:
             raise _Retryable(f"{type(err).__name__}: {err}") from None
         text = raw.decode("utf-8", errors="replace") if status != 200 else ""
@@ -493,7 +540,8 @@ class GeminiChatClient(_RetryingClient):
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         extra_body: dict[str, Any] | None = None,
-        max_empty_retries: int = 3,
+        max_reasks: int = 3,
+        call_timeout_s: float | None = None,
     ) -> None:
         try:
             from google import genai  # noqa: F401
@@ -507,7 +555,8 @@ class GeminiChatClient(_RetryingClient):
         self._secret = key
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.max_empty_retries = max_empty_retries
+        self.max_reasks = max_reasks
+        self.call_timeout_s = call_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.extra_body = dict(extra_body or {})
@@ -537,6 +586,7 @@ class GeminiChatClient(_RetryingClient):
         tool_choice: str | None = None,
         *,
         timeout_s: float | None = None,
+        require_json_arguments: bool = False,
         **params: Any,
     ) -> ChatCompletion:
         system, contents = openai_messages_to_gemini(messages)
@@ -551,7 +601,7 @@ class GeminiChatClient(_RetryingClient):
                 config["tool_config"] = tool_config
         config.update(gemini_generation_params(self.extra_body))
         config.update(gemini_generation_params(params))
-        return await self._complete({"contents": contents, "config": config}, timeout_s)
+        return await self._complete({"contents": contents, "config": config}, timeout_s, require_json_arguments)
 
     async def _attempt(self, request: dict[str, Any], timeout_s: float) -> ChatCompletion:
         from google.genai import errors
@@ -565,7 +615,7 @@ class GeminiChatClient(_RetryingClient):
                 timeout_s,
             )
         except asyncio.TimeoutError:
-            raise _Retryable(f"timed out after {timeout_s:g} s") from None
+            raise _Retryable(f"timed out after {timeout_s:.3g} s") from None
         except errors.APIError as err:
             status = int(getattr(err, "code", 0) or 0)
             detail = f"HTTP {status}: {getattr(err, 'message', None) or str(err)[:_MAX_ERROR_BODY]}"

@@ -12,9 +12,16 @@ Configuration comes from the environment (`UserSimConfig.from_env`):
   TAU2_USER_BASE_URL     OpenAI-compatible base URL, e.g. http://127.0.0.1:30001/v1 (llm; optional for gemini)
   TAU2_USER_API_KEY      falls back to OPENAI_API_KEY (llm) or GEMINI_API_KEY (gemini)
   TAU2_USER_TEMPERATURE  default 0.0 (tau2's default)
-  TAU2_USER_TIMEOUT_S    per-request timeout, default 120
-  TAU2_USER_MAX_RETRIES  default 6
+  TAU2_USER_TIMEOUT_S    seconds one request may take, default 120
+  TAU2_USER_MAX_RETRIES  retries of a failed request (5xx, 429, timeout, connection error), default 6
+  TAU2_USER_CALL_TIMEOUT_S  seconds one user turn may take in all (requests, backoff, re-asks), default 300
   TAU2_USER_EXTRA_ARGS   JSON object of extra request fields (e.g. {"max_tokens": 512})
+
+A reply the user cannot use (empty, or a tool call whose arguments are not a JSON object) is asked again up to 3
+times, as tau2 asks again after an empty reply; after that, or past any of the bounds above, the turn fails with
+UserSimulatorError and the episode ends as an infrastructure failure (status "failed", reason infra_error), which
+GRPO keeps out of training. A hung user-simulator server holds an episode for at most TAU2_USER_CALL_TIMEOUT_S per
+turn.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class UserSimConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0)
     timeout_s: float = Field(default=120.0, gt=0.0)
     max_retries: int = Field(default=6, ge=0)
+    call_timeout_s: float = Field(default=300.0, gt=0.0)
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -104,6 +112,9 @@ class UserSimConfig(BaseModel):
         retries = _env_number(get, "TAU2_USER_MAX_RETRIES", int, minimum=0)
         if retries is not None:
             values["max_retries"] = retries
+        call_timeout = _env_number(get, "TAU2_USER_CALL_TIMEOUT_S", float, minimum=0.0, strict=True)
+        if call_timeout is not None:
+            values["call_timeout_s"] = call_timeout
         extra = get("TAU2_USER_EXTRA_ARGS")
         if extra is not None:
             try:
@@ -128,7 +139,7 @@ class UserSimConfig(BaseModel):
         """Identifies the chat client this config needs (the key enters only as a digest)."""
         secret = self.secret()
         digest = hashlib.sha256(secret.encode()).hexdigest()[:16] if secret else None
-        return (self.kind, self.model, self.base_url, digest, self.timeout_s, self.max_retries)
+        return (self.kind, self.model, self.base_url, digest, self.timeout_s, self.max_retries, self.call_timeout_s)
 
 
 def _env_number(get: Any, name: str, kind: type, minimum: float, strict: bool = False) -> Any:
@@ -164,8 +175,8 @@ class EpisodeUser(Protocol):
 
 class LLMUser:
     """tau2's UserSimulator with the LLM call made through an async chat client. One instance per episode; the
-    client is shared. An empty reply (after the client's retries) is returned as is, as tau2's `generate` does:
-    the engine validates it like the Orchestrator (`UserMessage.validate`)."""
+    client is shared. An unusable reply (empty, or tool-call arguments that are not a JSON object) is asked again
+    by the client; if it is still unusable, `respond` raises UserSimulatorError saying what the simulator sent."""
 
     def __init__(
         self,
@@ -203,14 +214,15 @@ class LLMUser:
                 self.request_messages(),
                 tools=self.tools,
                 tool_choice="auto" if self.tools else None,
+                require_json_arguments=True,
                 **self.params,
             )
         except ChatClientError as err:
             raise UserSimulatorError(f"user simulator request failed: {err}") from None
-        broken = [call.name for call in completion.tool_calls if call.raw_arguments is not None]
-        if broken:
-            # tau2's generate would fail on json.loads here too.
-            raise UserSimulatorError(f"user simulator sent tool call arguments that are not a JSON object: {broken}")
+        problem = completion.problem(require_json_arguments=True)
+        if problem is not None:
+            asks = completion.reasks + 1
+            raise UserSimulatorError(f"the user simulator sent {problem}, {asks} time(s) in a row")
         message = UserMessage(
             role="user",
             content=completion.content,
@@ -251,6 +263,7 @@ def get_user_client(config: UserSimConfig, cache: dict[Any, Any] | None = None) 
             config.secret(),
             timeout_s=config.timeout_s,
             max_retries=config.max_retries,
+            call_timeout_s=config.call_timeout_s,
         )
         cache[key] = client
     return client

@@ -14,6 +14,9 @@ background thread with its own event loop, so sync code (litellm, tau2) and asyn
 
 With an empty queue it answers `default` if one was given, else HTTP 400 (not retried by clients, so a test that
 runs out of replies fails fast).
+
+Concurrency is proven by structure, not by timing: with `srv.gate = RequestGate(n)` no request is answered until n
+wait at once (see RequestGate); a client that sends one request at a time never fills a wave.
 """
 
 from __future__ import annotations
@@ -65,6 +68,54 @@ def error_reply(status: int, message: str = "scripted error", retry_after: float
     return FakeReply(status=status, error_message=message, headers=headers, **kw)
 
 
+class RequestGate:
+    """Holds requests and releases them in waves of exactly `count`: the proof that `count` requests were in flight
+    at the same moment. Use it from one event loop (a server's). If a wave does not fill within `limit_s` (a client
+    that serializes its requests), it is released anyway, counted in `unfilled_waves`, and the gate stays open from
+    then on, so such a test ends quickly and fails on its assertions instead of hanging."""
+
+    def __init__(self, count: int, limit_s: float = 300.0) -> None:
+        self.count = count
+        self.limit_s = limit_s
+        self.waiting = 0
+        self.waves: list[int] = []  # the size of every released wave
+        self.unfilled_waves = 0
+        self.passed_open = 0  # requests that found the gate open
+        self._event: asyncio.Event | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.unfilled_waves > 0
+
+    async def wait(self) -> None:
+        if self.is_open:
+            self.passed_open += 1
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        event = self._event
+        self.waiting += 1
+        if self.waiting >= self.count:
+            self._release(event, filled=True)
+            return
+        try:
+            await asyncio.wait_for(event.wait(), self.limit_s)
+        except asyncio.TimeoutError:
+            if not event.is_set():
+                self._release(event, filled=False)
+        except asyncio.CancelledError:  # the client went away while held
+            if not event.is_set():
+                self.waiting -= 1
+            raise
+
+    def _release(self, event: asyncio.Event, filled: bool) -> None:
+        self.waves.append(self.waiting)
+        self.unfilled_waves += not filled
+        self.waiting = 0
+        self._event = None
+        event.set()
+
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -90,6 +141,9 @@ class FakeOpenAIServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._call_counter = 0
+        self.gate: RequestGate | None = None  # set before requests arrive; used on the server's loop only
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     # ------------------------------------------------------------------ scripting and inspection
 
@@ -189,12 +243,19 @@ class FakeOpenAIServer:
         self.requests.append(
             RecordedRequest(request.method, request.path, dict(request.headers), body, time.monotonic())
         )
-        with self._lock:
-            reply = self._queue.popleft() if self._queue else self.default
-        if reply is None:
-            reply = FakeReply(status=400, error_message="fake server: no scripted reply left")
-        if reply.delay_s:
-            await asyncio.sleep(reply.delay_s)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            with self._lock:
+                reply = self._queue.popleft() if self._queue else self.default
+            if reply is None:
+                reply = FakeReply(status=400, error_message="fake server: no scripted reply left")
+            if reply.delay_s:
+                await asyncio.sleep(reply.delay_s)
+        finally:
+            self.in_flight -= 1
         return reply, body
 
     def _call_id(self) -> str:

@@ -142,7 +142,8 @@ class ScriptedPolicyServer:
             app.router.add_get("/health", self._health)
             app.router.add_post("/generate", self._generate)
             app.router.add_post("/v1/completions", self._completions)
-            runner = web.AppRunner(app, access_log=None)
+            # handler_cancellation: a client that goes away (timeout, kill) ends its request here too, as in sglang.
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, "127.0.0.1", 0)
             loop.run_until_complete(site.start())

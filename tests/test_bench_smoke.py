@@ -94,5 +94,5 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     assert _positive(evaluation["speedup"])
 
     assert all(_positive(row["ms"]) for row in results["breakdown"])
-    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert len(results["targets"]) == 6 and all(isinstance(t["met"], bool) for t in results["targets"])
     assert results["meta"]["cores"] >= 1 and results["meta"]["load_before"]

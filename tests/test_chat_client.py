@@ -7,11 +7,11 @@ import importlib.util
 import logging
 import socket
 import sys
-import time
 
 import pytest
-from fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, text_reply
+from fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
 
+from rollout import chat_client
 from rollout.chat_client import (
     ChatClientError,
     GeminiChatClient,
@@ -139,16 +139,14 @@ def test_retries_on_429_500_and_timeout(server):
         error_reply(429),
         error_reply(500),
         error_reply(503),
-        text_reply("late", delay_s=2.0),
+        text_reply("never sent", delay_s=3600),  # a server that hangs: only the request timeout ends this attempt
         text_reply("finally"),
     )
     client = fast_client(server, timeout_s=0.3, max_retries=6)
-    started = time.monotonic()
     result = run(client, lambda: client.complete(MESSAGES))
     assert result.content == "finally"
     assert result.attempts == 5
     assert len(server.requests) == 5
-    assert time.monotonic() - started < 2.0  # the slow reply was abandoned at the 0.3 s timeout
 
 
 def test_malformed_200_is_retried(server):
@@ -158,13 +156,56 @@ def test_malformed_200_is_retried(server):
     assert result.content == "ok" and result.attempts == 3
 
 
-def test_retry_after_is_honoured(server):
+def _record_sleeps(monkeypatch) -> list[float]:
+    """The delays the client sleeps (still slept for real): what it waited, not how long the machine took."""
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args, **kw):
+        slept.append(delay)
+        return await real_sleep(delay, *args, **kw)
+
+    monkeypatch.setattr(chat_client.asyncio, "sleep", sleep)
+    return slept
+
+
+def test_retry_after_is_honoured(server, monkeypatch):
     server.enqueue(error_reply(429, retry_after=0.6), text_reply("ok"))
     client = fast_client(server, backoff_max_s=5.0)
+    slept = _record_sleeps(monkeypatch)
     result = run(client, lambda: client.complete(MESSAGES))
     assert result.content == "ok" and result.attempts == 2
-    first, second = server.requests
-    assert second.received_at - first.received_at >= 0.55
+    assert 0.6 in slept  # the server's Retry-After, not the client's own 1-10 ms backoff
+    assert all(delay < 0.05 for delay in slept if delay != 0.6)
+
+
+def test_call_limit_ends_a_hung_server_and_bounds_backoff(server, monkeypatch):
+    # Every attempt hangs; 100 retries are allowed, the call limit ends it.
+    server.default = text_reply("never sent", delay_s=3600)
+    client = fast_client(server, timeout_s=0.2, max_retries=100, call_timeout_s=1.0)
+    with pytest.raises(ChatClientError, match="no usable reply within the call limit of 1 s") as info:
+        run(client, lambda: client.complete(MESSAGES))
+    assert "timed out after" in str(info.value) and len(server.requests) < 101
+
+    # A Retry-After that would sleep past the call limit fails at once instead of sleeping.
+    server.default = None
+    server.requests.clear()
+    server.enqueue(error_reply(503, retry_after=3600), text_reply("too late"))
+    client = fast_client(server, backoff_max_s=7200, call_timeout_s=60.0)
+    slept = _record_sleeps(monkeypatch)
+    with pytest.raises(ChatClientError, match="within the call limit of 60 s") as info:
+        run(client, lambda: client.complete(MESSAGES))
+    assert "HTTP 503" in str(info.value)
+    assert len(server.requests) == 1 and server.pending == 1 and 3600 not in slept
+
+
+def test_call_limit_caps_each_attempt(server):
+    # A per-request timeout longer than the call limit: the attempt is cut at the call limit.
+    server.default = text_reply("never sent", delay_s=3600)
+    client = fast_client(server, timeout_s=3600, max_retries=0, call_timeout_s=0.5)
+    with pytest.raises(ChatClientError, match=r"call limit of 0\.5 s"):
+        run(client, lambda: client.complete(MESSAGES))
+    assert len(server.requests) == 1
 
 
 def test_backoff_is_exponential_with_jitter_and_capped():
@@ -177,13 +218,15 @@ def test_backoff_is_exponential_with_jitter_and_capped():
     assert backoff_delay(1, 0.5, 5.0, retry_after=700.0) == 5.0
 
 
-def test_parse_retry_after():
+def test_parse_retry_after(monkeypatch):
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("0.25") == 0.25
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
-    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= parse_retry_after(http_date) <= 31
+    now = 1445412450.0  # 07:27:30 GMT on the day below: a fixed clock, so the answer is exact
+    monkeypatch.setattr(chat_client.time, "time", lambda: now)
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 30.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT") == 0.0  # a date in the past: retry now
 
 
 def test_400_is_not_retried(server):
@@ -239,28 +282,43 @@ def test_empty_reply_is_asked_again_then_returned(server):
     server.enqueue(text_reply(""), FakeReply(content=None), text_reply("here"))
     client = fast_client(server)
     result = run(client, lambda: client.complete(MESSAGES))
-    assert result.content == "here" and result.attempts == 3
+    assert result.content == "here" and result.attempts == 3 and result.reasks == 2
     assert result.prompt_tokens == 33  # usage of every attempt is counted
 
     server.enqueue(text_reply("  "), text_reply(""))
-    client = fast_client(server, max_empty_retries=1)
+    client = fast_client(server, max_reasks=1)
     result = run(client, lambda: client.complete(MESSAGES))
-    assert result.is_empty() and result.attempts == 2
+    assert result.is_empty() and result.attempts == 2 and result.reasks == 1
+    assert result.problem() == "an empty reply (no text, no tool call)"
 
 
-def test_many_parallel_calls_take_about_one_call(server):
-    n, delay = 40, 0.5
-    server.enqueue(*[text_reply(f"r{i}", delay_s=delay) for i in range(n)])
+def test_broken_tool_call_arguments_are_asked_again_only_on_request(server):
+    broken = FakeReply(tool_calls=[{"name": "toggle_data", "arguments": "{oops"}])
+    server.enqueue(broken, text_reply("fixed"))
     client = fast_client(server)
+    result = run(client, lambda: client.complete(MESSAGES, tools=[TOOL], require_json_arguments=True))
+    assert result.content == "fixed" and result.reasks == 1 and len(server.requests) == 2
+
+    server.enqueue(broken)  # without the flag the call comes back for the caller to judge (a teacher agent)
+    result = run(client, lambda: client.complete(MESSAGES, tools=[TOOL]))
+    assert result.reasks == 0 and result.malformed_calls()[0].raw_arguments == "{oops"
+    assert result.problem() is None
+    assert "not a JSON object: toggle_data('{oops')" in result.problem(require_json_arguments=True)
+
+
+def test_many_parallel_calls_are_in_flight_at_once(server):
+    n = 40
+    server.enqueue(*[text_reply(f"r{i}") for i in range(n)])
+    server.gate = RequestGate(n)  # no reply until all n requests wait at the server together
+    client = fast_client(server, timeout_s=600.0)
 
     async def burst():
-        started = time.monotonic()
-        results = await asyncio.gather(*(client.complete(MESSAGES) for _ in range(n)))
-        return results, time.monotonic() - started
+        return await asyncio.gather(*(client.complete(MESSAGES) for _ in range(n)))
 
-    results, elapsed = run(client, burst)
+    results = run(client, burst)
     assert sorted(r.content for r in results) == sorted(f"r{i}" for i in range(n))
-    assert elapsed < delay * 3, f"{n} parallel calls took {elapsed:.2f} s"
+    assert server.gate.waves == [n] and server.gate.unfilled_waves == 0
+    assert all(r.attempts == 1 for r in results)
 
 
 def test_client_survives_a_new_event_loop(server):

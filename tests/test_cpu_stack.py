@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+import prepare_cpu_model as prepare_cpu_model_module
 import pytest
 from conftest import http_json
 from hypothesis import HealthCheck, given, settings
@@ -91,12 +91,15 @@ def test_prepared_folder_is_complete_fp32_with_the_tool_template(smollm2_model_d
     assert (smollm2_model_dir / "chat_template.jinja").read_text() == TEMPLATE_PATH.read_text()
 
 
-def test_prepare_is_cached(smollm2_model_dir: Path) -> None:
+def test_prepare_is_cached(smollm2_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = smollm2_model_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    started = time.perf_counter()
+
+    def no_conversion(*args: Any) -> None:
+        raise AssertionError("a complete folder was converted again")
+
+    monkeypatch.setattr(prepare_cpu_model_module, "_convert", no_conversion)
     assert prepare_cpu_model(smollm2_model_dir) == smollm2_model_dir
-    assert time.perf_counter() - started < 5.0
     assert weights.stat().st_mtime_ns == before
 
 
@@ -466,25 +469,42 @@ def test_prefix_cache_reuses_a_conversation(cpu_policy_server: str, smollm2_toke
     assert fresh["output_ids"] == cached["output_ids"]
 
 
+LONG_PARAMS = {**SLIME_PARAMS, "max_new_tokens": 4000, "ignore_eos": True, "stop_token_ids": []}
+
+
+def _abort_until_done(url: str, threads: list[threading.Thread], body: dict) -> list[int]:
+    """/health, then /abort_request, again and again until every request thread has its answer; the health codes.
+    (An abort sent before its request arrived misses it: the next round catches it.)"""
+    codes = []
+    while any(thread.is_alive() for thread in threads):
+        codes.append(http_json(f"{url}/health")[0])
+        assert http_json(f"{url}/abort_request", body)[0] == 200
+        for thread in threads:
+            thread.join(0.05)  # pacing only: the outcome does not depend on it
+    return codes
+
+
 @pytest.mark.slow
-def test_concurrent_requests_while_health_stays_responsive(cpu_policy_server: str, smollm2_tokenizer: Any) -> None:
+def test_health_and_abort_are_answered_while_generations_run(cpu_policy_server: str, smollm2_tokenizer: Any) -> None:
+    """The event loop never waits for the model. Proven by outcome, not by timing: three 4000-token generations are
+    each cut short by an abort the server handled while they were queued or running; with a blocked loop the abort
+    would be read only after the last token, too late to cut anything."""
     prompts = [chat_prompt(smollm2_tokenizer, f"Count to {n}.") for n in (3, 4, 5)]
-    results: list[dict | None] = [None] * len(prompts)
+    results: list[tuple[int, Any] | None] = [None] * len(prompts)
 
     def run(i: int) -> None:
-        results[i] = generate(cpu_policy_server, prompts[i], max_new_tokens=16)
+        body = {"input_ids": prompts[i], "sampling_params": LONG_PARAMS, "rid": f"count-{i}"}
+        results[i] = http_json(f"{cpu_policy_server}/generate", body)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)
-    started = time.perf_counter()
-    status, _ = http_json(f"{cpu_policy_server}/health", timeout=10)
-    health_s = time.perf_counter() - started
-    for thread in threads:
-        thread.join(300)
-    assert status == 200 and health_s < 2.0
-    assert all(r is not None and 0 < len(r["output_ids"]) <= 16 for r in results)
+    codes = _abort_until_done(cpu_policy_server, threads, {"abort_all": True})
+    assert codes and set(codes) == {200}
+    for result in results:
+        assert result is not None and result[0] == 200, result
+        answer = result[1]
+        assert answer["meta_info"]["finish_reason"]["type"] == "abort" and len(answer["output_ids"]) < 4000
 
 
 @pytest.mark.slow
@@ -519,10 +539,8 @@ def test_fault_injection_and_clean_shutdown(cpu_policy_server_factory: Any) -> N
     request = {"input_ids": [IM_START, 4093, 198], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
     statuses = []
     for _ in range(3):
-        started = time.perf_counter()
-        status, body = http_json(f"{server.url}/generate", request)
+        status, body = http_json(f"{server.url}/generate", request)  # each one delayed first (not timed here)
         statuses.append(status)
-        assert time.perf_counter() - started >= 0.5
         if status == 500:
             assert "injected" in body["error"]["message"]
     assert statuses == [500, 500, 200]
@@ -535,26 +553,24 @@ def test_fault_injection_and_clean_shutdown(cpu_policy_server_factory: Any) -> N
 @pytest.mark.slow
 def test_abort_request_and_client_disconnect_stop_generation(cpu_policy_server: str, smollm2_tokenizer: Any) -> None:
     prompt = chat_prompt(smollm2_tokenizer, "Write a very long essay.")
-    long_params = {**SLIME_PARAMS, "max_new_tokens": 4000, "ignore_eos": True, "stop_token_ids": []}
     answer: dict[str, Any] = {}
 
     def run() -> None:
-        body = {"input_ids": prompt, "sampling_params": long_params, "return_logprob": True, "rid": "long-1"}
+        body = {"input_ids": prompt, "sampling_params": LONG_PARAMS, "return_logprob": True, "rid": "long-1"}
         answer["status"], answer["body"] = http_json(f"{cpu_policy_server}/generate", body)
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(2.0)
-    assert http_json(f"{cpu_policy_server}/abort_request", {"rid": "long-1"})[0] == 200
-    thread.join(120)
+    _abort_until_done(cpu_policy_server, [thread], {"rid": "long-1"})
     assert answer["status"] == 200
     meta, ids = answer["body"]["meta_info"], answer["body"]["output_ids"]
     assert meta["id"] == "long-1" and meta["finish_reason"]["type"] == "abort"
     assert len(ids) == len(meta["output_token_logprobs"]) < 4000
 
-    # A client that gives up frees the worker: the next request does not wait for 4000 tokens.
+    # A client that gives up stops its generation: it never runs to its 4000 tokens. A finished generation would be
+    # in the prefix cache; the next request on the same prompt (served after it: one worker) finds nothing cached.
+    assert http_json(f"{cpu_policy_server}/flush_cache", {})[0] == 200
     with pytest.raises(OSError):
-        http_json(f"{cpu_policy_server}/generate", {"input_ids": prompt, "sampling_params": long_params}, timeout=2)
-    started = time.perf_counter()
-    generate(cpu_policy_server, prompt, max_new_tokens=2)
-    assert time.perf_counter() - started < 60
+        http_json(f"{cpu_policy_server}/generate", {"input_ids": prompt, "sampling_params": LONG_PARAMS}, timeout=2)
+    after = generate(cpu_policy_server, prompt, max_new_tokens=2)
+    assert after["meta_info"]["cached_tokens"] == 0

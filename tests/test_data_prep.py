@@ -109,6 +109,39 @@ def test_unwritable_directory_path_is_a_file(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_second_file_unwritable_writes_no_file_and_one_line(tmp_path):
+    (tmp_path / "telecom_test_tasks.jsonl").mkdir()  # the second file cannot be written
+    result = _run("--local_dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"tau2_mock.py: error: cannot write {tmp_path / 'telecom_test_tasks.jsonl'}: it is a directory; "
+        "no file was written"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["telecom_test_tasks.jsonl"]  # only the directory
+
+
+def test_failed_rename_puts_the_old_files_back(tmp_path, monkeypatch, capsys):
+    train, test = tmp_path / "telecom_train_tasks.jsonl", tmp_path / "telecom_test_tasks.jsonl"
+    train.write_text("old train\n")
+    test.write_text("old test\n")
+    real_replace = os.replace
+    calls: list[Path] = []
+
+    def replace(src, dst):
+        if Path(dst) == test and calls.count(test) == 0:  # moving the second new file in fails, once
+            calls.append(test)
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tau2_mock.os, "replace", replace)
+    assert tau2_mock.main(["--local_dir", str(tmp_path)]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err == f"tau2_mock.py: error: cannot write {test}: No space left on device; no file was written\n"
+    assert (train.read_text(), test.read_text()) == ("old train\n", "old test\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [test.name, train.name]  # no temporary file left
+
+
 def test_other_domains_and_splits(tmp_path):
     assert tau2_mock.main(["--local_dir", str(tmp_path), "--domains", "airline,retail"]) == 0
     assert len(_rows(tmp_path / "airline_train_tasks.jsonl")) == 30

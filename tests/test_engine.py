@@ -180,7 +180,8 @@ def test_policy_timeout_fails_episode(tok, train_tasks):
         finally:
             await policy.aclose()
 
-    with ScriptedPolicyServer(tok, lambda p, q: Fault(delay_s=2.0, text="late")) as url:
+    # The reply never comes while the test runs: only the client's timeout can end the request.
+    with ScriptedPolicyServer(tok, lambda p, q: Fault(delay_s=3600, text="late")) as url:
         result = asyncio.run(play(url))
     assert result.status == "failed" and "TimeoutError" in result.failure
 

@@ -207,11 +207,90 @@ def test_server_failure_becomes_user_simulator_error(server, task):
     assert SECRET not in str(info.value)
 
 
-def test_tool_call_with_broken_json_is_a_user_simulator_error(server, task, env):
-    server.enqueue(tool_call_reply("toggle_data", "{oops"))
+def test_tool_call_with_broken_json_is_asked_again(server, task, env):
+    server.enqueue(tool_call_reply("toggle_data", "{oops"), tool_call_reply("toggle_data", {}, call_id="call_ok"))
     client = OpenAIChatClient(server.base_url, "fake-model")
-    with pytest.raises(UserSimulatorError, match="not a JSON object"):
+    _, [reply] = play_llm_user(task, env.get_user_tools(), client, lambda reply: None)
+    assert [call.id for call in reply.message.tool_calls] == ["call_ok"]
+    assert reply.message.tool_calls[0].arguments == {} and reply.message.raw_data["attempts"] == 2
+    assert len(server.requests) == 2
+    assert server.requests[0].body == server.requests[1].body  # the same question, asked again
+
+
+def test_tool_call_with_broken_json_every_time_fails_clearly(server, task, env):
+    server.enqueue(*[tool_call_reply("toggle_data", "{oops") for _ in range(4)])
+    client = OpenAIChatClient(server.base_url, "fake-model", max_reasks=3)
+    with pytest.raises(UserSimulatorError) as info:
         play_llm_user(task, env.get_user_tools(), client, lambda reply: None)
+    message = str(info.value)
+    assert "tool call arguments that are not a JSON object" in message and "toggle_data('{oops')" in message
+    assert message.endswith(", 4 time(s) in a row")
+    assert len(server.requests) == 4 and server.pending == 0
+
+
+def _play_episode_with_llm_user(task, server_url, **client_options):
+    """One episode whose user is the LLM user at server_url; the agent plays the gold script (never reached when
+    the user's first reply fails)."""
+    from rollout.engine import EpisodeConfig, ScriptedAgent, run_episode
+    from rollout.scripted import gold_agent_turns
+
+    async def main():
+        client = OpenAIChatClient(server_url, "fake-model", backoff_base_s=0.001, **client_options)
+        try:
+            user = LLMUser(task, None, client)
+            agent = ScriptedAgent(gold_agent_turns(task, solo_mode=False))
+            return await run_episode(task, agent, user, EpisodeConfig())
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_empty_user_reply_fails_the_episode_saying_so(server, task):
+    server.enqueue(*[text_reply("") for _ in range(4)])
+    result = _play_episode_with_llm_user(task, server.base_url, max_reasks=3)
+    assert result.status == "failed" and result.termination_reason == "infra_error"
+    assert result.failure == (
+        "UserSimulatorError: the user simulator sent an empty reply (no text, no tool call), 4 time(s) in a row"
+    )
+    assert len(server.requests) == 4
+
+
+def test_broken_tool_call_then_a_good_reply_keeps_the_episode(server, task):
+    server.enqueue(tool_call_reply("toggle_data", "{oops"), text_reply("###STOP###"))
+    result = _play_episode_with_llm_user(task, server.base_url)
+    assert result.status != "failed", result.failure
+    assert result.termination_reason == "user_stop" and len(server.requests) == 2
+
+
+def test_user_simulator_waits_are_bounded_by_default():
+    config = UserSimConfig(kind="llm", model="m", base_url="http://127.0.0.1:9/v1")
+    client = get_user_client(config, {})
+    assert (client.timeout_s, client.max_retries, client.call_timeout_s, client.max_reasks) == (120.0, 6, 300.0, 3)
+    tuned = UserSimConfig.from_env(
+        {
+            "TAU2_USER_KIND": "llm",
+            "TAU2_USER_MODEL": "m",
+            "TAU2_USER_BASE_URL": "http://127.0.0.1:9/v1",
+            "TAU2_USER_TIMEOUT_S": "20",
+            "TAU2_USER_MAX_RETRIES": "1",
+            "TAU2_USER_CALL_TIMEOUT_S": "45",
+        }
+    )
+    client = get_user_client(tuned, {})
+    assert (client.timeout_s, client.max_retries, client.call_timeout_s) == (20.0, 1, 45.0)
+
+
+def test_hung_user_simulator_fails_the_turn_at_the_call_limit(server, task):
+    # A server that accepts every request and never answers; the retries alone would allow 101 attempts.
+    server.default = text_reply("too late", delay_s=3600)
+    client = OpenAIChatClient(
+        server.base_url, "fake-model", timeout_s=0.2, max_retries=100, call_timeout_s=1.0, backoff_base_s=0.001
+    )
+    with pytest.raises(UserSimulatorError, match=r"no usable reply within the call limit of 1 s") as info:
+        play_llm_user(task, None, client, lambda reply: None)
+    assert "timed out" in str(info.value)
+    assert len(server.requests) < 101
 
 
 def test_config_from_env_and_secrets(monkeypatch):
@@ -263,6 +342,8 @@ def test_config_from_env_and_secrets(monkeypatch):
         ({"TAU2_USER_TIMEOUT_S": "0"}, "TAU2_USER_TIMEOUT_S"),
         ({"TAU2_USER_MAX_RETRIES": "2.5"}, "TAU2_USER_MAX_RETRIES"),
         ({"TAU2_USER_MAX_RETRIES": "-1"}, "TAU2_USER_MAX_RETRIES"),
+        ({"TAU2_USER_CALL_TIMEOUT_S": "0"}, "TAU2_USER_CALL_TIMEOUT_S"),
+        ({"TAU2_USER_CALL_TIMEOUT_S": "soon"}, "TAU2_USER_CALL_TIMEOUT_S"),
         ({"TAU2_USER_EXTRA_ARGS": "[1]"}, "TAU2_USER_EXTRA_ARGS"),
         ({"TAU2_USER_EXTRA_ARGS": "{bad"}, "TAU2_USER_EXTRA_ARGS"),
     ],
