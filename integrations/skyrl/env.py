@@ -148,7 +148,13 @@ class Tau2Env(BaseTextEnv):
         metadata = {"domain": domain, "task_id": extras.get("task_id")}
         if task_json:
             metadata["task"] = json.loads(task_json) if isinstance(task_json, str) else task_json
-        self.task = task_from_metadata(metadata)
+        try:
+            self.task = task_from_metadata(metadata)
+        except (KeyError, ValueError) as err:  # TaskLookupError is a KeyError
+            raise ValueError(
+                f"this data row has no playable tau2 task ({err}); write the data with "
+                "integrations/skyrl/tau2_dataset.py"
+            ) from None
         max_turns = extras.get("max_turns")
         self.max_turns = int(max_turns) if max_turns else 0
         self.episode = self.settings.episode_config(domain, self.max_turns or None)

@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from integrations.skyrl.tests.support import skip_reason
-
-SKIP = skip_reason()
+from integrations.skyrl.tests import support  # noqa: F401 (puts the recipe's tests/ and examples/ on sys.path)
 
 
 @pytest.fixture(scope="session")
