@@ -6,13 +6,16 @@
 #   bash scripts/run_tests.sh --dry-run  # print the commands instead of running them
 #   bash scripts/run_tests.sh -- -k engine   # extra arguments after -- go to pytest
 #
-# Knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3), SKIP_INSTALL=1.
+# Knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3), SKIP_INSTALL=1,
+# SKYRL_TESTS=0 (leave out the SkyRL integration's tests, which run in their own Python 3.12 environment through
+# integrations/skyrl/run_tests.sh and report a skip on a machine without Python 3.12).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
+SKYRL_TESTS="${SKYRL_TESTS:-1}"
 FAST=0
 DRY_RUN=0
 PYTEST_EXTRA=()
@@ -22,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --fast) FAST=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; PYTEST_EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_tests.sh: unknown option '$1' (valid: --fast --dry-run --help, then -- PYTEST_ARGS)" >&2; exit 2 ;;
   esac
   shift
@@ -52,3 +55,8 @@ if [[ "$FAST" == 1 ]]; then
   MARKS=(-m "not slow")
 fi
 run "$VENV/bin/python" -m pytest "${MARKS[@]}" "${PYTEST_EXTRA[@]}"
+if [[ "$SKYRL_TESTS" == 1 ]]; then
+  SKYRL_ARGS=()
+  if [[ "$FAST" == 1 ]]; then SKYRL_ARGS=(--fast); fi
+  run bash integrations/skyrl/run_tests.sh "${SKYRL_ARGS[@]}"
+fi

@@ -158,6 +158,11 @@ class EpisodeBridge:
             self.end = EpisodeEnd(result=None, failure="the episode was never started")
         return self.end
 
+    def abandon(self) -> None:
+        """Let a running episode end (as `stop`) without waiting for it: for callers that are going away."""
+        if self.end is None and self._future is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._actions.put_nowait, _STOP)
+
     def _next_event(self) -> Observation | EpisodeEnd:
         try:
             event = self._events.get(timeout=self.wait_timeout_s)

@@ -233,6 +233,12 @@ class Tau2Env(BaseTextEnv):
         if not self.bridge.done:
             self._finish(self.bridge.stop())
 
+    def __del__(self) -> None:
+        # SkyRL does not close an env whose agent_loop raised: the engine must not keep waiting for its next turn.
+        bridge = getattr(self, "bridge", None)
+        if bridge is not None:
+            bridge.abandon()
+
 
 def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as plain dicts of their set fields (a dataset reader may fill absent keys with None)."""

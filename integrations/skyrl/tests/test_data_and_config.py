@@ -159,3 +159,21 @@ def test_solo_rows_hold_only_tasks_with_a_ticket() -> None:
     assert view.tools[-1]["function"]["name"] == "done"
     assert all(r["prompt"][0]["role"] == "system" and len(r["prompt"]) == 1 for r in rows)
     assert all(task.ticket in r["prompt"][0]["content"] for task, r in zip([t for t in tasks if t.ticket], rows))
+
+
+def test_an_abandoned_env_does_not_leave_its_episode_waiting(dataset_dir: Path, tok: Any) -> None:
+    """SkyRL closes no env whose agent_loop raised; once such an env is collected, its episode still ends."""
+    import gc
+
+    from integrations.skyrl.bridge import EpisodeEnd
+
+    data = PromptDataset([str(dataset_dir / "validation.parquet")], tok, max_prompt_length=16384, num_workers=1)
+    prompt, _, extras, _ = data[1]
+    env = Tau2Env(extras=extras, domain="telecom")
+    env.init(prompt)
+    bridge = env.bridge
+    del env
+    gc.collect()
+    bridge._future.result(timeout=120)  # the engine's coroutine finished (a hang fails here)
+    end = bridge._events.get(timeout=5)
+    assert isinstance(end, EpisodeEnd) and end.result.termination_reason == "max_tokens"
