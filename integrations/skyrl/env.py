@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 
 ENV_IDS: dict[str, str] = {"telecom": "tau2_telecom", "airline": "tau2_airline", "retail": "tau2_retail"}
 REWARD_KINDS = ("shaped", "tau2")
+USER_SETTING_VARS = {
+    "user_kind": "TAU2_USER_KIND",
+    "user_model": "TAU2_USER_MODEL",
+    "user_base_url": "TAU2_USER_BASE_URL",
+    "user_temperature": "TAU2_USER_TEMPERATURE",
+    "user_timeout_s": "TAU2_USER_TIMEOUT_S",
+    "user_max_retries": "TAU2_USER_MAX_RETRIES",
+}
 
 
 @dataclass
@@ -98,20 +107,12 @@ class Tau2EnvConfig:
         return EpisodeConfig.from_env(domain=domain, **overrides)
 
     def user_config(self) -> UserSimConfig:
-        base = UserSimConfig.from_env()
-        pairs = {
-            "kind": self.user_kind,
-            "model": self.user_model,
-            "base_url": self.user_base_url,
-            "temperature": self.user_temperature,
-            "timeout_s": self.user_timeout_s,
-            "max_retries": self.user_max_retries,
+        """The user simulator: these settings over the TAU2_USER_* variables, checked as the slime path checks them
+        (UserSimConfig.from_env: an LLM user needs a model and a URL; the key falls back by kind)."""
+        overlay = {
+            var: str(getattr(self, name)) for name, var in USER_SETTING_VARS.items() if getattr(self, name) is not None
         }
-        overrides = {name: value for name, value in pairs.items() if value is not None}
-        if not overrides:
-            return base
-        merged = {**base.model_dump(), **overrides}
-        return UserSimConfig(**merged, api_key=base.api_key)
+        return UserSimConfig.from_env({**os.environ, **overlay})
 
 
 def _end_metrics(end: EpisodeEnd, reward: float, shaped: float, partial: float) -> dict[str, float]:

@@ -66,6 +66,18 @@ def test_env_plays_the_row_it_is_given(dataset_dir: Path, tok: Any) -> None:
     assert env.metrics["truncated"] == 1.0
 
 
+def test_env_user_settings_are_checked_and_keep_the_key_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TAU2_USER_KIND", "TAU2_USER_MODEL", "TAU2_USER_BASE_URL", "TAU2_USER_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="TAU2_USER_MODEL"):
+        Tau2EnvConfig.coerce({"user_kind": "llm", "user_base_url": "http://127.0.0.1:1/v1"}).user_config()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    settings = Tau2EnvConfig.coerce({"user_kind": "llm", "user_model": "m", "user_base_url": "http://127.0.0.1:1/v1"})
+    user = settings.user_config()
+    assert (user.kind, user.model, user.secret()) == ("llm", "m", "sk-secret-value")
+    assert "sk-secret-value" not in repr(user) + repr(settings) + json.dumps(user.public_dict())
+
+
 def test_env_rejects_bad_settings_and_rows() -> None:
     with pytest.raises(ValueError, match="valid"):
         Tau2EnvConfig.coerce({"rewards": "shaped"})

@@ -254,6 +254,7 @@ def test_episodes_in_parallel_do_not_block_each_other(tok: Any, test_tasks: list
     tasks = test_tasks[:n]
     with GatheringUserServer(gather=n) as user:
         env_config = {"user_kind": "llm", "user_model": "user", "user_base_url": user.base_url, "user_max_retries": 0}
+        env_config["wait_timeout_s"] = 120  # a step that never gets its answer ends the episode, not the test run
         client = scripted_client(tok, lambda session, turn: "Thanks, I have checked your line.", gather=n)
         generator = make_generator(
             tok, client, telecom_view.tools, env_configs={"tau2_telecom": env_config}, max_env_workers=n
