@@ -7,13 +7,16 @@
 #   bash scripts/run_tests.sh -- -k engine   # extra arguments after -- go to pytest
 #
 # Knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3), SKIP_INSTALL=1,
-# TALES_TESTS=0 (skip integrations/nemo_gym_tales, which builds its own Python 3.12 environment).
+# SKYRL_TESTS=0 / TALES_TESTS=0 (leave out integrations/skyrl or integrations/nemo_gym_tales: each builds its own
+# Python 3.12 environment and reports a skip, with the reason, on a machine without Python 3.12).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
+SKYRL_TESTS="${SKYRL_TESTS:-1}"
+TALES_TESTS="${TALES_TESTS:-1}"
 FAST=0
 DRY_RUN=0
 PYTEST_EXTRA=()
@@ -23,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --fast) FAST=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; PYTEST_EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_tests.sh: unknown option '$1' (valid: --fast --dry-run --help, then -- PYTEST_ARGS)" >&2; exit 2 ;;
   esac
   shift
@@ -54,10 +57,12 @@ if [[ "$FAST" == 1 ]]; then
 fi
 run "$VENV/bin/python" -m pytest "${MARKS[@]}" "${PYTEST_EXTRA[@]}"
 
-# The TALES resources server for NeMo Gym: its own Python >= 3.12 environment and tests (skipped, with the reason,
-# where no such Python exists). TALES_TESTS=0 leaves it out.
-if [[ "${TALES_TESTS:-1}" == 1 ]]; then
-  TALES_FLAGS=()
-  [[ "$FAST" == 1 ]] && TALES_FLAGS+=(--fast)
-  run env RECIPE_PYTHON="$VENV/bin/python" bash integrations/nemo_gym_tales/run_tests.sh "${TALES_FLAGS[@]}"
+# The integrations, each in its own Python >= 3.12 environment (skipped, with the reason, where none exists).
+INTEGRATION_FLAGS=()
+if [[ "$FAST" == 1 ]]; then INTEGRATION_FLAGS=(--fast); fi
+if [[ "$SKYRL_TESTS" == 1 ]]; then
+  run bash integrations/skyrl/run_tests.sh "${INTEGRATION_FLAGS[@]}"
+fi
+if [[ "$TALES_TESTS" == 1 ]]; then
+  run env RECIPE_PYTHON="$VENV/bin/python" bash integrations/nemo_gym_tales/run_tests.sh "${INTEGRATION_FLAGS[@]}"
 fi
