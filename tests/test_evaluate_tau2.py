@@ -389,6 +389,7 @@ def test_results_from_another_configuration_are_refused(tmp_path, policy_url, ta
     output = tmp_path / "results.json"
     args = _args(policy_url, output, smollm2_model_dir, [tasks[0].id])
     assert main(args) == 0
+    capsys.readouterr()
     before = (output.read_bytes(), output.with_suffix(".episodes.jsonl").read_bytes())
     changed = [*args, "--max-steps", "20", "--temperature", "0.5"]
     err = _bad(capsys, changed)
