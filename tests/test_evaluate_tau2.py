@@ -505,6 +505,89 @@ def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_
     assert "baselines" not in json.loads(output.read_text())
 
 
+def _tau2_run_results(tasks: list[Any], save_to: Path) -> Path:
+    """A Results JSON written by tau2's own run machinery (`tau2.run.run_tasks`, what `tau2 run` calls): the
+    shotgun policy as a registered tau2 agent and the scripted customer as a registered tau2 user; no LLM."""
+    from rollout.scripted import Tau2ScriptedAgent, Tau2ScriptedUser
+    from rollout.tau2_setup import import_tau2, quiet_tau2_logging
+
+    registry = import_tau2()
+    from tau2.agent.llm_agent import LLMAgent
+    from tau2.run import run_tasks
+    from tau2.user.base import BaseUser
+
+    by_scenario = {str(task.user_scenario): task for task in tasks}
+
+    class ShotgunAgent(LLMAgent):  # tau2's run_task builds LLMAgent subclasses with tools, policy, llm, llm_args
+        def __init__(self, tools, domain_policy, llm=None, llm_args=None):
+            super().__init__(tools=tools, domain_policy=domain_policy, llm=llm, llm_args=llm_args)
+            self.script = Tau2ScriptedAgent(tools=[], domain_policy=domain_policy, task=None, policy="shotgun")
+
+        def get_init_state(self, message_history=None):
+            return self.script.get_init_state(message_history)
+
+        def generate_next_message(self, message, state):
+            return self.script.generate_next_message(message, state)
+
+    class ScriptedCustomer(BaseUser):  # tau2's run_task builds users from the task's instructions
+        def __new__(cls, tools=None, instructions=None, llm=None, llm_args=None):
+            return Tau2ScriptedUser(by_scenario[str(instructions)], tools)
+
+    if "recipe_test_shotgun" not in registry.get_agents():
+        registry.register_agent(ShotgunAgent, "recipe_test_shotgun")
+        registry.register_user(ScriptedCustomer, "scripted_user")
+    try:
+        run_tasks(
+            domain="telecom",
+            tasks=tasks,
+            agent="recipe_test_shotgun",
+            user="scripted_user",
+            llm_agent="shotgun",
+            llm_args_agent={},
+            llm_user=None,
+            llm_args_user={},
+            num_trials=2,
+            max_steps=int(MAX_STEPS),
+            save_to=save_to,
+            console_display=False,
+            max_concurrency=1,
+            log_level="ERROR",
+        )
+    finally:
+        quiet_tau2_logging()  # run_tasks replaces loguru's sinks
+    return save_to
+
+
+def test_compare_puts_a_tau2_run_beside_a_recipe_run(tmp_path, policy_url, tasks, smollm2_model_dir, capsys):
+    from rollout.tau2_setup import import_tau2
+
+    import_tau2()
+    from tau2.data_model.simulation import Results
+    from tau2.metrics.agent_metrics import compute_metrics
+
+    recipe = tmp_path / "recipe.json"
+    assert main(_args(policy_url, recipe, smollm2_model_dir, [t.id for t in tasks], "--num-trials", "2")) == 0
+    tau2_run = _tau2_run_results(tasks, tmp_path / "tau2_shotgun.json")
+    tau2 = compute_metrics(Results.load(tau2_run))
+    capsys.readouterr()
+    assert main(["--compare", str(recipe), str(tau2_run), "--output-path", str(tmp_path / "cmp")]) == 0
+    captured = capsys.readouterr()
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in captured.out.splitlines() if "|" in line}
+    assert [c.strip() for c in lines[""]] == ["recipe", "tau2_shotgun"]
+    assert lines["pass@1 [95% CI]"][1].strip().startswith(f"{100 * tau2.pass_hat_ks[1]:.1f}%")
+    assert lines["pass^2"][1].strip() == f"{100 * tau2.pass_hat_ks[2]:.1f}%"
+    assert lines["avg reward"][1].strip() == f"{tau2.avg_reward:.3f}"
+    assert lines["source"][1].strip() == "tau2 Results"
+    assert "(no baselines in this file)" in lines["beats the shortcuts"][1]
+    assert lines["baseline shotgun pass@1"][0].strip() != "-" and lines["baseline shotgun pass@1"][1].strip() == "-"
+    # The tau2 run played the shotgun on the same tasks with the same scripted user: the same score as the baseline.
+    shotgun = json.loads(recipe.read_text())["baselines"]["policies"]["shotgun"]
+    assert tau2.pass_hat_ks[1] == pytest.approx(shotgun["pass_at_1"])
+    assert "user simulator differs" not in captured.out and "max steps differs" not in captured.out
+    assert (tmp_path / "cmp.md").read_text().count("tau2_shotgun") >= 1
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
