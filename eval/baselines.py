@@ -179,8 +179,9 @@ def _verdict(
         return f"every task here is solved by a shortcut: they cannot tell the model from one ({overall})", None
     where = f"{resistant['successes']}/{resistant['episodes']} episodes on the {n_resistant} tasks no shortcut solves"
     if resistant["successes"] == 0:
-        verdict = f"DOES NOT BEAT THE SHORTCUTS where they fail: {where}; every success is a task a shortcut solves"
-        return f"{verdict} ({overall})", False
+        successes = model["successes"]
+        why = "it solves no task" if successes == 0 else f"all {successes} of its successes are tasks a shortcut solves"
+        return f"DOES NOT BEAT THE SHORTCUTS where they fail: {where}; {why} ({overall})", False
     if model["pass_at_1"] is not None and best_rate is not None and model["pass_at_1"] <= best_rate:
         return f"BELOW THE BEST SHORTCUT overall ({overall}), though it solves {where}", False
     return f"beats the shortcuts: {overall}; {where}", True

@@ -13,8 +13,9 @@ results.tau2.json`, `tau2.metrics.agent_metrics.compute_metrics`. How the recipe
   hands them to tau2's evaluator; an infrastructure failure is marked as `tau2 run --skip-failed-samples` marks one:
   skipped, agent_error, reward 0 (the error's first line in reward_info.info). With --exclude-failed the failures
   are left out instead, so tau2's numbers on the file are the recipe's headline numbers.
-- costs: what is known. A scripted agent or user costs 0; the recipe does not price a self-hosted policy or an LLM
-  user's tokens, so those are None (token counts are in each message's `usage`).
+- costs: the policy is a self-hosted checkpoint, which tau2 itself records as 0.0 (litellm has no price for it; a
+  NaN average would fail `tau2 submit validate`); the scripted user costs 0.0; an LLM user's cost is not priced by
+  the recipe: None (its token counts are in each user message's `usage`).
 
 `load_tau2_run` reads a Results JSON written by `tau2 run` (or by this module) into the form of the evaluator's
 results, for `--compare`.
@@ -178,7 +179,6 @@ def build_results(
     run_config: Mapping[str, Any],
     *,
     exclude_failed: bool = False,
-    agent_scripted: bool = False,
     git_commit: str | None = None,
 ) -> Any:
     """tau2 Results for the selected episode records (one per (task, trial), in order) and tasks."""
@@ -187,9 +187,8 @@ def build_results(
 
     user_kind = (run_config.get("user_sim") or {}).get("kind")
     user_cost = 0.0 if user_kind in ("scripted", "solo") or run_config.get("solo_mode") else None
-    agent_cost = 0.0 if agent_scripted else None
     simulations = [
-        simulation_from_record(record, agent_cost=agent_cost, user_cost=user_cost)
+        simulation_from_record(record, agent_cost=0.0, user_cost=user_cost)
         for record in records
         if not (exclude_failed and record["episode"].get("status") == "failed")
     ]

@@ -425,7 +425,7 @@ def test_tau2_tools_read_a_recipe_run(tmp_path, policy_url, tasks, smollm2_model
             continue
         assert not simulation.skipped and simulation.id == episode["simulation_id"]
         assert simulation.reward_info.reward == episode["reward"] and simulation.duration > 0
-        assert simulation.start_time < simulation.end_time and simulation.agent_cost is None
+        assert simulation.start_time < simulation.end_time and simulation.agent_cost == 0.0
         assert simulation.user_cost == 0.0  # the scripted user costs nothing
         assert simulation.termination_reason.value == episode["termination_reason"]  # user_stop / max_steps
         assert len(simulation.messages) == len(episode["messages"])
@@ -771,5 +771,14 @@ def test_cli_with_real_model_on_cpu_server(tmp_path, smollm2_model_dir):
         assert episode["reward"] is not None
     assert "pass@1" in done.stdout and output.with_suffix(".md").exists() and output.with_suffix(".png").exists()
     assert output.with_suffix(".server.log").exists()
+    # The real model's episodes as tau2's Results: tau2's metrics equal the summary's; the shortcuts stand beside it.
+    from tau2.data_model.simulation import Results
+    from tau2.metrics.agent_metrics import compute_metrics
+
+    tau2 = compute_metrics(Results.load(output.with_suffix(".tau2.json")))
+    assert data["tau2_results"]["agrees_with_summary"] and data["pass_hat_1"] == pytest.approx(tau2.pass_hat_ks[1])
+    assert data["avg_reward"] == pytest.approx(tau2.avg_reward)
+    assert data["baselines"]["policies"]["gold"]["pass_at_1"] == 1.0
+    assert data["baselines"]["shortcut_check"]["verdict"] and "beside shortcut baselines" in done.stdout
     # The server was stopped: nothing answers on its port any more.
     assert not serving.is_healthy(data["run"]["server"]["url"])
