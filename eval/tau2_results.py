@@ -308,9 +308,6 @@ def load_tau2_run(path: Path, data: Mapping[str, Any] | None = None) -> dict[str
     task_ids = list(dict.fromkeys(s.task_id for s in results.simulations))
     return {
         **summary,
-        "pass_at_1": summary["pass_at_1"],
-        "avg_reward": summary["avg_reward"],
-        "avg_partial_score": summary["avg_partial_score"],
         "tau2_metrics": tau2_metrics(results),
         "source": "tau2 Results",
         "task_ids": task_ids,
