@@ -2,7 +2,7 @@
 
     python eval/evaluate_tau2.py --checkpoint CKPT --output-path results.json --num-tasks 25 --sglang-port 30000 \
         --domain telecom --task-split test [--num-trials 4] [--concurrency 8] [--user-kind llm --user-model M ...]
-    python eval/evaluate_tau2.py --compare base.json sft.json grpo.json
+    python eval/evaluate_tau2.py --compare base.json sft.json grpo.json [tau2_run.json] [--output-path compare.md]
 
 The policy is played token-in-token-out (rollout.engine.TokenAgent + run_episode, the same loop as GRPO rollouts)
 against an sglang server (`--policy-api sglang`, /generate) or an OpenAI-compatible one (`openai`, /v1/completions,
@@ -16,11 +16,20 @@ Files (for --output-path results.json):
   Re-running the same command skips finished (task, trial) pairs; a killed run loses at most the episodes in
   flight (a torn last line is dropped with a warning). A file from another configuration (model, user simulator,
   domain, split, episode limits, sampling, solo mode, tau2 version) is refused unless --overwrite.
-- results.json: every metric of eval/metrics.py, the per-episode list `results` and the full run configuration,
-  always rebuilt from the JSONL (for the selected tasks and trials), written atomically.
+- results.json: every metric of eval/metrics.py (tau2's names too: pass_hat_1, ..., avg_reward), the per-episode list
+  `results`, the shortcut baselines beside the model (`baselines`, eval/baselines.py) and the full run
+  configuration, always rebuilt from the JSONL (for the selected tasks and trials), written atomically.
+- results.tau2.json: the same episodes as tau2's own `Results` (eval/tau2_results.py), rebuilt from the JSONL: open it
+  with `tau2 view --file results.tau2.json` or `tau2 evaluate-trajs results.tau2.json`. tau2's `compute_metrics` on
+  it is stored as `tau2_metrics` and equals the recipe's pass^k and average reward.
+- results.baselines.jsonl: the shortcut baselines' episodes (always-transfer, shotgun, do-nothing and the gold
+  ceiling: scripted, no LLM) with the run's user simulator and limits; resumable like the model's (--no-baselines).
 - results.md / results.png: Markdown summary and chart (eval/report.py). results.server.log: a started server's log;
   results.server.pid: the started server while it runs (a run killed outright leaves it; the next run adopts that
   server or stops it, and says which).
+
+tau2's flag spellings work too: --task-split-name, --max-concurrency, --user-llm, --save-to, -d, and --task-ids as a
+space-separated list.
 
 Exit codes: 0 done; 1 runtime failure (server could not start, every episode failed); 2 bad input (unknown domain,
 split or task id, missing checkpoint, unreachable server, results from another configuration); 130 interrupted.
@@ -114,18 +123,33 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print a side-by-side table and exit")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="print a side-by-side table of result files (the recipe's or tau2 run's Results) and exit; with "
+        "--output-path also write it as Markdown with a chart",
+    )
     p.add_argument("--checkpoint", help="Hugging Face model folder to evaluate")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint)")
     p.add_argument("--model-name", help="name identifying the model in results (default: checkpoint path)")
-    p.add_argument("--output-path", help="results JSON; the episodes JSONL, .md and .png go beside it")
+    p.add_argument(
+        "--output-path",
+        "--save-to",
+        dest="output_path",
+        help="results JSON ('.json' added when missing); the episodes JSONL, tau2 Results, .md and .png go beside it",
+    )
     g = p.add_argument_group("tasks")
-    g.add_argument("--domain", default=os.environ.get("TAU2_DOMAIN") or "telecom")
-    g.add_argument("--task-split", default="test")
+    g.add_argument("--domain", "-d", default=os.environ.get("TAU2_DOMAIN") or "telecom")
+    g.add_argument("--task-split", "--task-split-name", dest="task_split", default="test")
     g.add_argument("--num-tasks", type=_positive_int, help="first N tasks of the split in tau2's order (default all)")
-    g.add_argument("--task-ids", help="comma-separated task ids of the split (instead of --num-tasks)")
+    g.add_argument(
+        "--task-ids", nargs="+", metavar="ID", help="task ids of the split, space- or comma-separated (not --num-tasks)"
+    )
     g.add_argument("--num-trials", type=_positive_int, default=1, help="episodes per task (pass^k needs k trials)")
-    g.add_argument("--concurrency", type=_positive_int, default=8, help="episodes played at once")
+    g.add_argument(
+        "--concurrency", "--max-concurrency", dest="concurrency", type=_positive_int, default=8, help="episodes at once"
+    )
     s = p.add_argument_group("policy server")
     s.add_argument("--sglang-url", help="use this running server (http://host:port) instead of starting one")
     s.add_argument("--sglang-port", type=_positive_int, default=30000, help="port of the server to use or start")
@@ -149,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     u = p.add_argument_group("user simulator (defaults: TAU2_USER_* variables)")
     u.add_argument("--user-kind", choices=["llm", "gemini", "scripted", "solo"])
     u.add_argument("--user-model")
+    u.add_argument(
+        "--user-llm",
+        metavar="MODEL",
+        help="tau2's spelling: the model as litellm names it (gpt-4.1, openai/NAME, gemini/NAME); sets --user-model "
+        "without the provider prefix and, without --user-kind, the kind (gemini/...: gemini, else llm)",
+    )
     u.add_argument("--user-base-url")
     u.add_argument("--user-api-key-env", metavar="NAME", help="name of the variable holding the API key")
     u.add_argument("--user-temperature", type=_non_negative_float)
@@ -158,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="discard an existing episodes file and start over")
     r.add_argument("--bootstrap-resamples", type=_positive_int, default=metrics.DEFAULT_RESAMPLES)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-baselines", action="store_true", help="do not play the shortcut baselines beside the model")
+    r.add_argument("--baseline-trials", type=_positive_int, default=1, help="trials per task of each baseline policy")
     return p
 
 
@@ -166,8 +198,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compare:
         return args
+    if args.output_path:
+        args.output_path = json_path(args.output_path)
     if not args.output_path:
         parser.error("--output-path is required (or --compare FILES)")
+    if args.task_ids is not None:
+        args.task_ids = [task_id.strip() for item in args.task_ids for task_id in item.split(",") if task_id.strip()]
+    if args.user_llm:
+        if args.user_model:
+            parser.error("give --user-model or --user-llm, not both")
+        provider, _, name = args.user_llm.partition("/")
+        known = provider in ("openai", "gemini") and bool(name)
+        args.user_model = name if known else args.user_llm
+        if args.user_kind is None:
+            args.user_kind = "gemini" if known and provider == "gemini" else "llm"
     if args.num_tasks is not None and args.task_ids:
         parser.error("give --num-tasks or --task-ids, not both")
     if not args.checkpoint and not args.sglang_url:
@@ -182,10 +226,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------- configuration
 
 
+def json_path(path: str) -> str:
+    """tau2's --save-to names a file without '.json': add it (an existing folder is left for check_output)."""
+    if path.lower().endswith(".json") or Path(path).expanduser().is_dir():
+        return path
+    return f"{path}.json"
+
+
 def output_paths(output: Path) -> dict[str, Path]:
     return {
         "json": output,
         "episodes": output.with_suffix(".episodes.jsonl"),
+        "tau2": output.with_suffix(".tau2.json"),
+        "baselines": output.with_suffix(".baselines.jsonl"),
         "markdown": output.with_suffix(".md"),
         "chart": output.with_suffix(".png"),
         "server_log": output.with_suffix(".server.log"),
@@ -250,8 +303,8 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
     except TaskLookupError as err:
         raise UsageError(str(err)) from None
     tasks = get_task_store().tasks(args.domain, args.task_split)
-    if args.task_ids:
-        wanted = list(dict.fromkeys(t.strip() for t in args.task_ids.split(",") if t.strip()))
+    if args.task_ids is not None:
+        wanted = list(dict.fromkeys(args.task_ids))
         if not wanted:
             raise UsageError("--task-ids names no task")
         by_id = {task.id: task for task in tasks}
@@ -722,6 +775,22 @@ def _first_line(text: Any, limit: int = 300) -> str | None:
     return lines[0][:limit] if lines else None
 
 
+def select_records(records: list[dict[str, Any]], task_ids: list[str], num_trials: int) -> list[dict[str, Any]]:
+    """The last record of each selected (task, trial) pair, in task order then trial order."""
+    latest = latest_by_pair(records)
+    return [latest[(t, k)] for t in task_ids for k in range(num_trials) if (t, k) in latest]
+
+
+def record_row(record: dict[str, Any], gold_transfers: dict[str, bool] | None = None) -> metrics.EpisodeRow:
+    return metrics.row_from_episode(
+        dict(record["episode"], task_id=record["task_id"]),
+        record["trial"],
+        record.get("subtask"),
+        record.get("persona"),
+        gold_transfers=(gold_transfers or {}).get(record["task_id"]),
+    )
+
+
 def build_summary(
     records: list[dict[str, Any]],
     task_ids: list[str],
@@ -730,31 +799,24 @@ def build_summary(
     exclude_failed: bool,
     resamples: int,
     bootstrap_seed: int = metrics.DEFAULT_BOOTSTRAP_SEED,
+    gold_transfers: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """Metrics for the selected (task, trial) pairs from the episode records (the last record of each pair)."""
-    latest = latest_by_pair(records)
-    order = {task_id: i for i, task_id in enumerate(task_ids)}
-    selected = [
-        latest[(task_id, trial)] for task_id in task_ids for trial in range(num_trials) if (task_id, trial) in latest
-    ]
-    selected.sort(key=lambda r: (order[r["task_id"]], r["trial"]))
-    rows = [
-        metrics.row_from_episode(
-            dict(r["episode"], task_id=r["task_id"]), r["trial"], r.get("subtask"), r.get("persona")
-        )
-        for r in selected
-    ]
+    """Metrics for the selected (task, trial) pairs from the episode records (the last record of each pair);
+    `gold_transfers`: task id -> whether its gold transfers (for the unneeded-transfer rate)."""
+    selected = select_records(records, task_ids, num_trials)
+    rows = [record_row(r, gold_transfers) for r in selected]
     summary = metrics.summarize(rows, exclude_failed=exclude_failed, resamples=resamples, seed=bootstrap_seed)
     expected = len(task_ids) * num_trials
     return {
         "pass_at_1": summary["pass_at_1"],
         "avg_reward": summary["avg_reward"],
         "avg_partial_score": summary["avg_partial_score"],
+        **metrics.tau2_metric_keys(summary["pass_hat_k"], summary["avg_reward"]),
         **summary,
         "complete": len(rows) == expected,
         "expected_episodes": expected,
         "recorded_episodes": len(rows),
-        "other_records_in_file": len(latest) - len(rows),
+        "other_records_in_file": len(latest_by_pair(records)) - len(rows),
         "task_ids": task_ids,
         "num_trials": num_trials,
         "results": [compact_result(r, row) for r, row in zip(selected, rows, strict=True)],
@@ -775,14 +837,141 @@ def print_headline(summary: dict[str, Any], paths: dict[str, Path]) -> None:
         f"avg reward {summary['avg_reward'] or 0:.3f}  avg partial {summary['avg_partial_score'] or 0:.3f}",
         f"failed (infrastructure) episodes: {counts['failed_episodes']}"
         + (" (excluded from rates)" if counts["exclude_failed"] else " (counted as failures)"),
-        f"results: {paths['json']}  episodes: {paths['episodes']}",
+        f"results: {paths['json']}  episodes: {paths['episodes']}  tau2 Results: {paths['tau2']}",
     ]
+    baselines = summary.get("baselines")
+    if baselines and baselines.get("policies"):
+        user = baselines["user_sim"]
+        shown = ", ".join(f"{name} {pct(p['pass_at_1'])}" for name, p in baselines["policies"].items())
+        lines.insert(3, f"beside shortcut baselines ({user.get('kind')} user): {shown}")
+        lines.insert(4, f"transfer rate {pct(summary.get('transfer_rate'))}; {baselines['shortcut_check']['verdict']}")
     if not summary["complete"]:
         lines.append(
             f"INCOMPLETE: {summary['recorded_episodes']} of {summary['expected_episodes']} episodes recorded; "
             "re-run the same command to finish"
         )
     print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------ shortcut baselines and tau2 Results
+
+
+def gold_transfer_map(tasks: list[Any]) -> dict[str, bool]:
+    from eval.tau2_results import gold_transfers
+
+    return {task.id: gold_transfers(task) for task in tasks}
+
+
+def run_baselines(
+    args: argparse.Namespace,
+    tasks: list[Any],
+    config: Any,
+    user_config: Any,
+    run_config: dict[str, Any],
+    paths: dict[str, Path],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Play the missing shortcut-baseline episodes into their own JSONL; returns all its records and the policies."""
+    from eval import baselines
+
+    names = baselines.baseline_policies(args.domain)
+    hashed = baselines.hashed_config(run_config)
+    hash_value = config_hash(hashed)
+    log = EpisodeLog(paths["baselines"])
+    log.open()
+    try:
+        records = log.read()
+        foreign = [r for r in records if r.get("config_hash") != hash_value]
+        if foreign and not args.overwrite:
+            raise UsageError(
+                f"{paths['baselines']} holds {len(foreign)} baseline episode(s) from other settings "
+                f"({config_difference(foreign[0].get('config'), hashed)}); pass --overwrite to replay them"
+            )
+        if foreign:
+            log.reset()
+            records = []
+        done = {
+            (r.get("policy"), r["task_id"], r["trial"])
+            for r in records
+            if not (args.retry_failed and r["episode"].get("status") == "failed")
+        }
+        trials = range(args.baseline_trials)
+        pending = [(n, t, k) for k in trials for n in names for t in tasks if (n, t.id, k) not in done]
+        if pending:
+            info(f"playing {len(pending)} shortcut-baseline episode(s) ({', '.join(names)}), {user_config.kind} user")
+
+            def record(policy: str, task: Any, trial: int, result: Any) -> None:
+                log.append({**make_record(task, trial, result, hash_value, hashed, None), "policy": policy})
+
+            asyncio.run(
+                baselines.play_baselines(
+                    pending, config=config, user_config=user_config, concurrency=args.concurrency, on_result=record
+                )
+            )
+        records = log.read(repair=False)
+    finally:
+        log.close()
+    return records, names
+
+
+def baseline_summary(
+    args: argparse.Namespace,
+    tasks: list[Any],
+    selected: list[dict[str, Any]],
+    baseline_records: list[dict[str, Any]],
+    names: list[str],
+    run_config: dict[str, Any],
+    user_config: Any,
+) -> dict[str, Any]:
+    from eval import baselines
+
+    gold = gold_transfer_map(tasks)
+    model_rows = [row for row in (record_row(r, gold) for r in selected) if not (args.exclude_failed and row.failed)]
+    episode = run_config["episode"]
+    return baselines.summarize_baselines(
+        baseline_records,
+        model_rows,
+        policies=names,
+        task_ids=[task.id for task in tasks],
+        trials=args.baseline_trials,
+        row_of=lambda record: record_row(dict(record), gold),
+        user_sim=user_config.public_dict(),
+        limits={key: episode[key] for key in ("max_steps", "max_errors", "max_turns")},
+    )
+
+
+def write_tau2_results(
+    args: argparse.Namespace,
+    tasks: list[Any],
+    selected: list[dict[str, Any]],
+    summary: dict[str, Any],
+    run_config: dict[str, Any],
+    path: Path,
+) -> dict[str, Any]:
+    """results.tau2.json from the selected records, and tau2's own compute_metrics on it (`tau2_metrics`)."""
+    from eval import tau2_results
+
+    by_id = {task.id: task for task in tasks}
+    run_tasks = [by_id[task_id] for task_id in dict.fromkeys(r["task_id"] for r in selected)]
+    results = tau2_results.build_results(selected, run_tasks, run_config, exclude_failed=args.exclude_failed)
+    tau2_results.write_results(results, path)
+    computed = tau2_results.tau2_metrics(results)
+    ours = metrics.tau2_metric_keys(summary["pass_hat_k"], summary["avg_reward"])
+    disagree = [key for key, value in ours.items() if computed is not None and not _same(value, computed.get(key))]
+    if disagree:
+        warn(f"tau2's compute_metrics on {path} differs from the summary on {', '.join(disagree)}")
+    return {
+        "tau2_metrics": computed,
+        "tau2_results": {
+            "path": str(path),
+            "simulations": len(results.simulations),
+            "computed_by": "tau2.metrics.agent_metrics.compute_metrics",
+            "agrees_with_summary": not disagree,
+        },
+    }
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -904,6 +1093,9 @@ def run(args: argparse.Namespace) -> int:
             if created and paths["episodes"].stat().st_size == 0:  # stopped before any episode: no empty log left
                 paths["episodes"].unlink()
         log.close()
+    baseline_records, baseline_names = (None, [])
+    if not args.no_baselines and not solo_mode:
+        baseline_records, baseline_names = run_baselines(args, tasks, config, user_config, run_config, paths)
 
     summary = build_summary(
         records,
@@ -911,13 +1103,23 @@ def run(args: argparse.Namespace) -> int:
         args.num_trials,
         exclude_failed=args.exclude_failed,
         resamples=args.bootstrap_resamples,
+        gold_transfers=gold_transfer_map(tasks),
     )
+    selected = select_records(records, task_ids, args.num_trials)
+    if baseline_records is not None:
+        summary["baselines"] = baseline_summary(
+            args, tasks, selected, baseline_records, baseline_names, run_config, user_config
+        )
+    summary.update(write_tau2_results(args, tasks, selected, summary, run_config, paths["tau2"]))
     finished = time.time()
+    skipped = {"server_log"} if not pending else set()
+    if baseline_records is None:
+        skipped.add("baselines")
     output = {
         **summary,
         "config": run_config,
         "config_hash": hash_value,
-        "files": {name: str(path) for name, path in paths.items() if name != "server_log" or pending},
+        "files": {name: str(path) for name, path in paths.items() if name not in skipped},
         "run": {
             **run_info,
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
@@ -959,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             from eval.report import compare_main
 
-            return compare_main(args.compare)
+            return compare_main(args.compare, args.output_path)
         return run(args)
     except UsageError as err:
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)  # always one line

@@ -24,6 +24,12 @@ Definitions (n = trials of a task, c = its successes, T = tasks):
   percentiles (linear interpolation). Same data and seed -> same interval.
 - episode statistics (turns, tokens, latency): mean, median and 90th percentile (numpy linear interpolation) over
   the episodes that did not fail (a failed episode's counts describe the failure, not the policy).
+- transfer_rate: share of counted episodes in which the agent called transfer_to_human_agents at least once;
+  unneeded_transfer_rate: the same over episodes of tasks whose gold actions hold no transfer (None when the gold is
+  not known). On telecom always-transferring solves every transfer-only task, so a policy collapsing onto it shows
+  here first.
+- tau2's names: `pass_hat_1`, `pass_hat_2`, ... and `avg_reward` are tau2's `compute_metrics` keys for the same
+  numbers (`tau2_metric_keys`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pydantic import BaseModel, Field
 from reward.partial_credit import compute_partial_score
 
 SUCCESS_TOLERANCE = 1e-6
+TRANSFER_TOOL = "transfer_to_human_agents"
 NO_GROUP = "(none)"  # group label for episodes without a subtask / persona
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_BOOTSTRAP_SEED = 0
@@ -77,6 +84,8 @@ class EpisodeRow(BaseModel):
     policy_latency_s: float = 0.0
     user_latency_s: float = 0.0
     failure: str | None = None
+    transferred: bool = False
+    gold_transfers: bool | None = None  # whether the task's gold actions hold a transfer (None: not known)
 
     @property
     def failed(self) -> bool:
@@ -91,11 +100,23 @@ class EpisodeRow(BaseModel):
         return self.status == "truncated"
 
 
+def agent_transferred(messages: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether the agent called transfer_to_human_agents in a tau2 trajectory (messages as model_dump dicts)."""
+    for message in messages:
+        if message.get("role") != "assistant":
+            continue
+        for call in message.get("tool_calls") or []:
+            if call.get("name") == TRANSFER_TOOL:
+                return True
+    return False
+
+
 def row_from_episode(
     episode: Mapping[str, Any],
     trial: int,
     subtask: str | None = None,
     persona: str | None = None,
+    gold_transfers: bool | None = None,
 ) -> EpisodeRow:
     """An EpisodeRow from `EpisodeResult.summary()`; the partial scores come from `compute_partial_score`."""
     status = str(episode.get("status") or "failed")
@@ -136,6 +157,8 @@ def row_from_episode(
         policy_latency_s=float(episode.get("policy_latency_s") or 0.0),
         user_latency_s=float(episode.get("user_latency_s") or 0.0),
         failure=episode.get("failure"),
+        transferred=agent_transferred(episode.get("messages") or []),
+        gold_transfers=gold_transfers,
     )
 
 
@@ -288,7 +311,7 @@ def component_means(rows: Sequence[EpisodeRow], field: str = "partial_components
 
 
 def rates(rows: Sequence[EpisodeRow]) -> dict[str, Any]:
-    """Counts, pass@1, average reward and average partial score of a set of counted episodes (failed -> 0)."""
+    """Counts, pass@1, average reward, average partial score and transfer rate of counted episodes (failed -> 0)."""
     return {
         "episodes": len(rows),
         "tasks": len({row.task_id for row in rows}),
@@ -296,7 +319,24 @@ def rates(rows: Sequence[EpisodeRow]) -> dict[str, Any]:
         "pass_at_1": _mean([float(row.success) for row in rows]),
         "avg_reward": _mean([row.reward if row.reward is not None else 0.0 for row in rows]),
         "avg_partial_score": _mean([row.partial_score for row in rows]),
+        "transfer_rate": _mean([float(row.transferred) for row in rows]),
     }
+
+
+def transfer_rates(rows: Sequence[EpisodeRow]) -> dict[str, Any]:
+    """transfer_rate over all counted episodes; unneeded_transfer_rate over those of tasks whose gold does not
+    transfer (None without such episodes or without gold information)."""
+    unneeded = [row for row in rows if row.gold_transfers is False]
+    return {
+        "transfer_rate": _mean([float(row.transferred) for row in rows]),
+        "unneeded_transfer_rate": _mean([float(row.transferred) for row in unneeded]),
+        "episodes_of_tasks_without_gold_transfer": len(unneeded),
+    }
+
+
+def tau2_metric_keys(pass_hat_k_by_k: Mapping[str, float], avg_reward: float | None) -> dict[str, float | None]:
+    """The numbers under tau2's own metric names (`AgentMetrics.as_dict`): avg_reward, pass_hat_1, pass_hat_2, ..."""
+    return {"avg_reward": avg_reward, **{f"pass_hat_{k}": v for k, v in pass_hat_k_by_k.items()}}
 
 
 def breakdown(rows: Sequence[EpisodeRow], key: Callable[[EpisodeRow], str | None]) -> dict[str, dict[str, Any]]:
@@ -359,6 +399,7 @@ def summarize(
         "partial_components": component_means(counted),
         "pass_hat_k": {str(k): v for k, v in pass_hat_k_curve(by_task).items()},
         "pass_at_k": {str(k): v for k, v in pass_at_k_curve(by_task).items()},
+        **transfer_rates(counted),
         "counts": {
             "episodes": len(rows),
             "counted_episodes": len(counted),
@@ -380,6 +421,8 @@ def summarize(
             "pass_at_1": "mean success over all counted trials (pooled)",
             "pass_hat_k": "tau2 leaderboard pass^k: mean over tasks of C(c,k)/C(n,k) (all k draws succeed)",
             "pass_at_k": "unbiased pass@k: mean over tasks of 1-C(n-c,k)/C(n,k) (any of k draws succeeds)",
+            "transfer_rate": "share of episodes in which the agent called transfer_to_human_agents",
+            "unneeded_transfer_rate": "transfer_rate over episodes of tasks whose gold actions hold no transfer",
             "avg_partial_score": (
                 "mean compute_partial_score(tau2 reward_info); truncated episodes score 0 (tau2 grades no checks)"
             ),

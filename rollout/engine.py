@@ -620,6 +620,12 @@ class EpisodeResult(BaseModel):
     env_s: float = 0.0
     eval_s: float = 0.0
     wall_s: float = 0.0
+    # tau2's SimulationRun fields the trajectory alone does not carry (tau2 Results files are rebuilt from them).
+    simulation_id: str | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    duration_s: float | None = None
+    tau2_termination_reason: str | None = None
     record: Any = Field(default=None, exclude=True, description="TokenRecord of a TokenAgent, else None")
 
     @property
@@ -867,6 +873,8 @@ async def run_episode(
     )
     simulation = _simulation(ep, started_at, time.perf_counter() - started, tau2_reason)
     result.messages = [m.model_dump(mode="json") for m in simulation.messages]
+    result.simulation_id, result.start_time, result.end_time = simulation.id, simulation.start_time, simulation.end_time
+    result.duration_s, result.tau2_termination_reason = simulation.duration, simulation.termination_reason.value
     if config.evaluate and ep.status != "failed":
         eval_started = time.perf_counter()
         try:

@@ -15,6 +15,16 @@ The scripted user (`ScriptedUserLogic`):
 - after a tool result, reports it in plain text;
 - once all its gold actions are done and the agent writes again: "###STOP###" ("###TRANSFER###" if the agent says
   it is transferring the call).
+
+Shortcut policies (`SCRIPTED_POLICIES`, played by `ScriptedPolicyAgent` through the engine, or by `Tau2ScriptedAgent`
+through tau2's Orchestrator): what a trivial policy scores on the same tasks and user simulator. Only `gold` reads
+the task; the others see nothing but the user's first message:
+- `gold`: the task's gold actions (`gold_agent_turns`), the ceiling;
+- `always_transfer`: calls transfer_to_human_agents and says tau2's transfer line;
+- `shotgun`: transfers when the user reports "No Service"; otherwise asks the user for every phone fix by name, one
+  per turn, then calls refuel_data and enable_roaming with the ids every telecom task uses (telecom only);
+- `do_nothing`: says goodbye, every turn.
+Past the end of its plan a policy repeats its last turn, as tau2's scripted agents do.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rollout.engine import AgentTurn
 from rollout.tau2_setup import import_tau2
+from rollout.tool_format import format_assistant_turn
 from rollout.user_sim import IncomingMessage, UserReply
 
 import_tau2()
@@ -116,6 +129,129 @@ def turn_to_message(turn: ScriptedTurn, turn_index: int) -> AssistantMessage:
         for k, call in enumerate(turn.tool_calls)
     ]
     return AssistantMessage(role="assistant", content=turn.content, tool_calls=calls or None, cost=0.0)
+
+
+# ------------------------------------------------------------------------------------------- shortcut policies
+
+GOODBYE_MESSAGE = "Thank you for contacting us. Goodbye!"
+# The ids and amount every telecom task's agent actions use (the customer of every task is the same).
+TELECOM_CUSTOMER_ID, TELECOM_LINE_ID, TELECOM_REFUEL_GB = "C1001", "L1002", 2.0
+# Every phone fix of telecom's gold actions, in an order that works when all are needed (APN reset before reboot).
+TELECOM_PHONE_FIXES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("toggle_airplane_mode", {}),
+    ("set_network_mode_preference", {"mode": "4g_5g_preferred"}),
+    ("disconnect_vpn", {}),
+    ("toggle_data", {}),
+    ("toggle_data_saver_mode", {}),
+    ("toggle_roaming", {}),
+    ("toggle_wifi_calling", {}),
+    ("grant_app_permission", {"app_name": "messaging", "permission": "sms"}),
+    ("grant_app_permission", {"app_name": "messaging", "permission": "storage"}),
+    ("reseat_sim_card", {}),
+    ("reset_apn_settings", {}),
+    ("reboot_device", {}),
+)
+NO_SERVICE = re.compile(r"\bno service\b", re.IGNORECASE)
+
+
+def _transfer_turns() -> list[ScriptedTurn]:
+    summary = "The customer needs help that I cannot give."
+    return [
+        ScriptedTurn(tool_calls=[{"name": TRANSFER_TOOL, "arguments": {"summary": summary}}]),
+        ScriptedTurn(content=TRANSFER_MESSAGE),
+    ]
+
+
+def gold_policy(task: Task, opening: str) -> list[ScriptedTurn]:
+    """The ceiling: the task's gold actions (it alone reads the task)."""
+    return gold_agent_turns(task, solo_mode=False)
+
+
+def always_transfer_policy(task: Task, opening: str) -> list[ScriptedTurn]:
+    return _transfer_turns()
+
+
+def do_nothing_policy(task: Task, opening: str) -> list[ScriptedTurn]:
+    return [ScriptedTurn(content=GOODBYE_MESSAGE)]
+
+
+def shotgun_policy(task: Task, opening: str) -> list[ScriptedTurn]:
+    """Telecom: a 2-way lookup on the user's first message, then every fix there is, with the constant ids."""
+    if NO_SERVICE.search(opening):
+        return _transfer_turns()
+    turns = [
+        ScriptedTurn(content=user_action_instruction(Action(action_id=f"fix_{i}", name=name, arguments=arguments)))
+        for i, (name, arguments) in enumerate(TELECOM_PHONE_FIXES)
+    ]
+    ids = {"customer_id": TELECOM_CUSTOMER_ID, "line_id": TELECOM_LINE_ID}
+    refuel = {"name": "refuel_data", "arguments": {**ids, "gb_amount": TELECOM_REFUEL_GB}}
+    turns.append(ScriptedTurn(tool_calls=[refuel]))
+    turns.append(ScriptedTurn(tool_calls=[{"name": "enable_roaming", "arguments": dict(ids)}]))
+    turns.append(ScriptedTurn(content=CLOSING_MESSAGE))
+    return turns
+
+
+class ScriptedPolicy(BaseModel):
+    """A scripted agent policy: `plan(task, user's first message)` -> its turns; `domains` None: every domain."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    name: str
+    plan: Callable[[Task, str], list[ScriptedTurn]]
+    description: str
+    domains: tuple[str, ...] | None = None
+
+
+SCRIPTED_POLICIES: dict[str, ScriptedPolicy] = {
+    policy.name: policy
+    for policy in (
+        ScriptedPolicy(name="gold", plan=gold_policy, description="the task's gold actions (ceiling)"),
+        ScriptedPolicy(
+            name="always_transfer",
+            plan=always_transfer_policy,
+            description="transfer_to_human_agents, then the transfer line",
+        ),
+        ScriptedPolicy(
+            name="shotgun",
+            plan=shotgun_policy,
+            description="transfer on 'No Service'; else ask for every phone fix by name, refuel, enable roaming",
+            domains=("telecom",),
+        ),
+        ScriptedPolicy(name="do_nothing", plan=do_nothing_policy, description="says goodbye"),
+    )
+}
+SHORTCUT_POLICIES: tuple[str, ...] = ("always_transfer", "shotgun", "do_nothing")  # the trivial ones (not gold)
+
+
+def scripted_policy(name: str) -> ScriptedPolicy:
+    if name not in SCRIPTED_POLICIES:
+        raise ValueError(f"unknown scripted policy '{name}'; valid: {', '.join(SCRIPTED_POLICIES)}")
+    return SCRIPTED_POLICIES[name]
+
+
+def policies_for_domain(domain: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """The scripted policies (default: all) defined for the domain."""
+    chosen = names if names is not None else tuple(SCRIPTED_POLICIES)
+    return [n for n in chosen if scripted_policy(n).domains is None or domain in scripted_policy(n).domains]
+
+
+class ScriptedPolicyAgent:
+    """A scripted policy as an engine agent (EpisodeAgent): no LLM; the plan is made on the first turn from the
+    user's first message (only `gold` reads the task)."""
+
+    def __init__(self, policy: str, task: Task) -> None:
+        self.policy = scripted_policy(policy)
+        self.task = task
+        self.turns: list[ScriptedTurn] | None = None
+
+    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
+        if self.turns is None:
+            opening = " ".join(str(m.get("content") or "") for m in new_messages if m.get("role") == "user")
+            self.turns = self.policy.plan(self.task, opening)
+        step = self.turns[min(turn_index, len(self.turns) - 1)]
+        return AgentTurn(
+            message=turn_to_message(step, turn_index), raw_text=format_assistant_turn(step.content, step.tool_calls)
+        )
 
 
 # Second person → first person, for the user's opening message built from tau2's instructions ("You are ...").
@@ -312,12 +448,13 @@ def _next_scripted_message(turns: list[ScriptedTurn], state: ScriptedAgentState)
 
 
 class Tau2ScriptedAgent(LocalAgent[ScriptedAgentState]):
-    """A tau2 agent that plays `gold_agent_turns(task, solo_mode=False)`."""
+    """A tau2 agent that plays a scripted policy (default `gold`: `gold_agent_turns(task, solo_mode=False)`)."""
 
-    def __init__(self, tools: list[Any], domain_policy: str, task: Task) -> None:
+    def __init__(self, tools: list[Any], domain_policy: str, task: Task, policy: str = "gold") -> None:
         super().__init__(tools=tools, domain_policy=domain_policy)
         self.task = task
-        self.turns = gold_agent_turns(task, solo_mode=False)
+        self.policy = scripted_policy(policy)
+        self.turns: list[ScriptedTurn] = gold_agent_turns(task, solo_mode=False) if policy == "gold" else []
 
     def get_init_state(self, message_history: list[Message] | None = None) -> ScriptedAgentState:
         return ScriptedAgentState(messages=list(message_history or []))
@@ -329,6 +466,9 @@ class Tau2ScriptedAgent(LocalAgent[ScriptedAgentState]):
             state.messages.extend(message.tool_messages)
         else:
             state.messages.append(message)
+        if state.next_turn == 0 and not self.turns:  # the plan comes from the user's first message
+            opening = message.content if isinstance(message, UserMessage) else ""
+            self.turns = self.policy.plan(self.task, opening or "")
         reply = _next_scripted_message(self.turns, state)
         state.messages.append(reply)
         return reply, state
@@ -371,23 +511,31 @@ def solo_supported(task: Task) -> bool:
 
 
 def run_tau2_orchestrator(
-    task: Task, solo_mode: bool, max_steps: int = 100, max_errors: int = 10, domain: str = "telecom"
+    task: Task,
+    solo_mode: bool,
+    max_steps: int = 100,
+    max_errors: int = 10,
+    domain: str = "telecom",
+    policy: str = "gold",
 ) -> SimulationRun:
-    """Play the scripted agent and user through tau2's own Orchestrator, then score with tau2's evaluator
-    (`reward_info` set): the reference the async engine is compared with. Synchronous CPU work.
+    """Play a scripted agent (`policy`, default gold) and the scripted user through tau2's own Orchestrator, then
+    score with tau2's evaluator (`reward_info` set): the reference the async engine is compared with. Synchronous CPU
+    work. Solo mode plays the gold policy only.
 
     As in tau2's `run_task`, except that the scripted players get no tool schemas: they never read them, and
     building them (`get_tools`, pydantic models per tool) costs more than the whole episode.
     """
     registry = import_tau2()
     constructor = registry.get_env_constructor(domain)
+    if solo_mode and policy != "gold":
+        raise ValueError(f"solo mode plays the gold policy only, not '{policy}'")
     if solo_mode:
         environment = constructor(solo_mode=True)
         agent: LocalAgent[Any] = Tau2ScriptedSoloAgent(tools=[], domain_policy=environment.get_policy(), task=task)
         user: BaseUser = DummyUser(tools=None, instructions=str(task.user_scenario))
     else:
         environment = constructor()
-        agent = Tau2ScriptedAgent(tools=[], domain_policy=environment.get_policy(), task=task)
+        agent = Tau2ScriptedAgent(tools=[], domain_policy=environment.get_policy(), task=task, policy=policy)
         user = Tau2ScriptedUser(task)
     orchestrator = Orchestrator(
         domain=domain,

@@ -2,7 +2,12 @@
 # Evaluate a checkpoint on tau2 (eval/evaluate_tau2.py), or compare finished result files.
 #
 #   bash scripts/run_eval.sh [--dry-run] [--help] [-- extra evaluate_tau2.py flags]
-#   bash scripts/run_eval.sh [--dry-run] --compare results/base.json results/sft.json results/grpo.json
+#   bash scripts/run_eval.sh [--dry-run] --compare results/base.json results/sft.json results/grpo.json \
+#     [tau2_run.json] [-- --output-path results/compare.md]
+#
+# Extra evaluate_tau2.py flags go after `--`, tau2's spellings included (--task-ids ID1 ID2, --task-split-name,
+# --max-concurrency, --user-llm, --save-to). --compare also reads a Results JSON written by `tau2 run`; every run
+# writes its own tau2 Results file beside OUTPUT_PATH (<name>.tau2.json, for `tau2 view --file`).
 #
 # Knobs (environment variables, defaults in brackets):
 #   CHECKPOINT     Hugging Face model folder to evaluate               [/root/Qwen3-4B-Instruct-2507]

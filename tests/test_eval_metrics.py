@@ -165,6 +165,7 @@ def test_breakdowns_by_subtask_persona_termination():
         "pass_at_1": 0.5,
         "avg_reward": 0.5,
         "avg_partial_score": 0.0,
+        "transfer_rate": 0.0,
     }
     assert by_subtask["mobile_data_issue"]["pass_at_1"] == 1.0 and by_subtask["mobile_data_issue"]["tasks"] == 2
     out = summarize(rows, resamples=100)
@@ -207,6 +208,33 @@ def test_row_from_episode_partial_scores():
     failed = {**episode, "status": "failed", "reward": None, "termination_reason": "infra_error", "failure": "x"}
     r = row_from_episode(failed, trial=0)
     assert r.failed and r.reward is None and not r.success and r.partial_score == 0.0
+
+
+def test_transfer_rates_from_trajectories():
+    transfer_call = {"role": "assistant", "tool_calls": [{"name": "transfer_to_human_agents", "arguments": {}}]}
+    user_call = {"role": "user", "tool_calls": [{"name": "transfer_to_human_agents", "arguments": {}}]}  # not the agent
+    other_call = {"role": "assistant", "tool_calls": [{"name": "refuel_data", "arguments": {}}]}
+    base = {"status": "completed", "termination_reason": "user_stop", "reward": 0.0}
+    episodes = [
+        ({"task_id": "a", **base, "messages": [transfer_call]}, False),  # unneeded transfer
+        ({"task_id": "b", **base, "messages": [user_call, other_call]}, False),
+        ({"task_id": "c", **base, "messages": [transfer_call]}, True),  # the gold transfers too
+        ({"task_id": "d", **base, "messages": []}, None),  # gold unknown
+    ]
+    rows = [row_from_episode(e, trial=0, gold_transfers=gold) for e, gold in episodes]
+    assert [r.transferred for r in rows] == [True, False, True, False]
+    out = summarize(rows, resamples=50)
+    assert out["transfer_rate"] == pytest.approx(0.5)
+    assert out["unneeded_transfer_rate"] == pytest.approx(0.5) and out["episodes_of_tasks_without_gold_transfer"] == 2
+    assert summarize(rows[3:], resamples=50)["unneeded_transfer_rate"] is None
+
+
+def test_tau2_metric_names():
+    assert metrics.tau2_metric_keys({"1": 0.5, "2": 0.25}, 0.4) == {
+        "avg_reward": 0.4,
+        "pass_hat_1": 0.5,
+        "pass_hat_2": 0.25,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ bootstrap

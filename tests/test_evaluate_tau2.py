@@ -347,6 +347,251 @@ def test_compare_prints_side_by_side(tmp_path, policy_url, tasks, smollm2_model_
     assert main(["--compare", str(tmp_path / "bad.json")]) == 2
 
 
+# ------------------------------------------------------------------------------------------------ tau2's own tools
+
+
+def _tau2_cli() -> list[str]:
+    script = Path(sys.executable).parent / "tau2"
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from tau2.cli import main; main()"]
+
+
+def test_tau2_flag_spellings_parse_like_the_recipes():
+    from eval.evaluate_tau2 import parse_args
+
+    common = ["--sglang-url", "http://x", "--model-name", "m"]
+    tau2_flags = ["--save-to", "runs/base", "-d", "telecom", "--task-split-name", "train", "--max-concurrency", "16"]
+    tau2_flags += ["--user-llm", "openai/Qwen3-32B", "--task-ids", "a", "b,c", "--num-trials", "4"]
+    recipe_flags = ["--output-path", "runs/base.json", "--domain", "telecom", "--task-split", "train"]
+    recipe_flags += ["--concurrency", "16", "--user-model", "Qwen3-32B", "--user-kind", "llm", "--task-ids", "a,b,c"]
+    tau2, recipe = parse_args([*common, *tau2_flags]), parse_args([*common, *recipe_flags, "--num-trials", "4"])
+    keys = ("output_path", "domain", "task_split", "concurrency", "user_model", "user_kind", "task_ids", "num_trials")
+    assert {k: getattr(tau2, k) for k in keys} == {k: getattr(recipe, k) for k in keys}
+    assert tau2.task_ids == ["a", "b", "c"] and tau2.output_path == "runs/base.json"
+    gemini = parse_args([*common, "--output-path", "r.json", "--user-llm", "gemini/gemini-2.5-flash"])
+    assert (gemini.user_kind, gemini.user_model) == ("gemini", "gemini-2.5-flash")
+    kept = parse_args([*common, "--output-path", "r.json", "--user-llm", "gpt-4.1", "--user-kind", "gemini"])
+    assert (kept.user_kind, kept.user_model) == ("gemini", "gpt-4.1")  # an explicit kind wins
+    assert main([*common, "--output-path", "r.json", "--user-llm", "a", "--user-model", "b"]) == 2
+
+
+def test_tau2_tools_read_a_recipe_run(tmp_path, policy_url, tasks, smollm2_model_dir, reset_responder, capsys):
+    """results.tau2.json loads with tau2's loader; tau2's compute_metrics equals the summary (with and without
+    infrastructure failures); tau2's re-evaluation from the trajectories gives the recorded rewards; tau2's CLI
+    (`tau2 evaluate-trajs`, `tau2 view`) opens it."""
+    from rollout.tau2_setup import import_tau2
+
+    import_tau2()
+    from tau2.data_model.simulation import Results
+    from tau2.metrics.agent_metrics import compute_metrics
+    from tau2.scripts.evaluate_trajectories import compute_simulation_rewards
+
+    reset_responder.fail = {opening_message(tasks[1])}  # infrastructure failures: HTTP 400 for the second task
+    args = _args(policy_url, tmp_path / "unused.json", smollm2_model_dir, [t.id for t in tasks], "--num-trials", "2")
+    args = args[: args.index("--output-path")] + args[args.index("--output-path") + 2 :]
+    args = [a for a in args if a not in ("--task-ids", ",".join(t.id for t in tasks))]
+    args += ["--save-to", str(tmp_path / "run"), "--task-ids", *[t.id for t in tasks], "--max-concurrency", "3"]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "run.json").read_text())
+    path = tmp_path / "run.tau2.json"
+    assert data["files"]["tau2"] == str(path) and data["counts"]["failed_episodes"] == 2
+
+    def check_file(expected_simulations: int) -> Any:
+        results = Results.load(path)  # tau2's own loader
+        assert len(results.simulations) == expected_simulations
+        assert [t.id for t in results.tasks] == [t.id for t in tasks]
+        tau2 = compute_metrics(results)
+        summary = json.loads((tmp_path / "run.json").read_text())
+        assert tau2.avg_reward == pytest.approx(summary["avg_reward"], abs=1e-12)
+        assert {str(k): v for k, v in tau2.pass_hat_ks.items()} == pytest.approx(summary["pass_hat_k"], abs=1e-12)
+        assert summary["pass_hat_1"] == pytest.approx(tau2.pass_hat_ks[1], abs=1e-12)
+        assert summary["pass_hat_2"] == pytest.approx(tau2.pass_hat_ks[2], abs=1e-12)
+        assert summary["tau2_metrics"]["pass_hat_1"] == pytest.approx(tau2.pass_hat_ks[1], abs=1e-12)
+        assert summary["tau2_results"]["agrees_with_summary"] is True
+        return results
+
+    results = check_file(6)
+    assert data["pass_hat_1"] == pytest.approx(1 / 3)  # one good task of three: the failures count as failures
+    info = results.info
+    assert info.num_trials == 2 and info.max_steps == int(MAX_STEPS) and info.max_errors == 10
+    assert info.agent_info.implementation == "llm_agent" and info.agent_info.llm == "scripted-gold"
+    assert info.user_info.implementation == "scripted_user" and info.environment_info.domain_name == "telecom"
+    assert len(info.git_commit) == 40
+    by_pair = {(s.task_id, s.trial): s for s in results.simulations}
+    assert (
+        set(by_pair) == {(t.id, k) for t in tasks for k in range(2)} and len({s.id for s in results.simulations}) == 6
+    )
+    records = {(r["task_id"], r["trial"]): r for r in _jsonl(tmp_path / "run.episodes.jsonl")}
+    for pair, simulation in by_pair.items():
+        episode = records[pair]["episode"]
+        if pair[0] == tasks[1].id:  # marked as tau2 run --skip-failed-samples marks a failed sample
+            assert simulation.skipped and simulation.termination_reason.value == "agent_error"
+            assert simulation.reward_info.reward == 0.0 and "HTTP 400" in simulation.reward_info.info["failure"]
+            continue
+        assert not simulation.skipped and simulation.id == episode["simulation_id"]
+        assert simulation.reward_info.reward == episode["reward"] and simulation.duration > 0
+        assert simulation.start_time < simulation.end_time and simulation.agent_cost == 0.0
+        assert simulation.user_cost == 0.0  # the scripted user costs nothing
+        assert simulation.termination_reason.value == episode["termination_reason"]  # user_stop / max_steps
+        assert len(simulation.messages) == len(episode["messages"])
+    # tau2 evaluate-trajs grades the trajectories again on fresh environments: the same rewards.
+    regraded = compute_simulation_rewards(results)
+    for simulation in regraded.simulations:
+        if not simulation.skipped:
+            assert simulation.reward_info.reward == by_pair[(simulation.task_id, simulation.trial)].reward_info.reward
+
+    out_dir = tmp_path / "regraded"
+    done = subprocess.run(
+        [*_tau2_cli(), "evaluate-trajs", str(path), "-o", str(out_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Agent Metrics" in done.stdout and (out_dir / f"updated_{path.name}").exists()
+    # tau2 view: select the file, show the metrics, open the first simulation, skip the note, exit.
+    view = subprocess.run(
+        [*_tau2_cli(), "view", "--file", str(path)],
+        input="1\n1\n2\n3\n1\n\n5\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert view.returncode == 0, view.stdout[-2000:] + view.stderr[-2000:]
+    assert "Loaded 6 simulations" in view.stdout and "Pass^k" in view.stdout and "Task Details" in view.stdout
+
+    # --exclude-failed: the failures leave the tau2 file, and tau2's numbers still equal the summary.
+    assert main([*args, "--exclude-failed"]) == 0
+    check_file(4)
+    assert json.loads((tmp_path / "run.json").read_text())["pass_hat_1"] == pytest.approx(1 / 2)
+    capsys.readouterr()
+
+
+def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_dir):
+    """The shortcut baselines are played on the same tasks with the same user and reported with a verdict."""
+    from rollout.scripted import SCRIPTED_POLICIES
+
+    output = tmp_path / "results.json"
+    assert main(_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks])) == 0
+    data = json.loads(output.read_text())
+    baselines = data["baselines"]
+    assert list(baselines["policies"]) == list(SCRIPTED_POLICIES) and baselines["complete"]
+    assert baselines["user_sim"]["kind"] == "scripted" and baselines["limits"]["max_steps"] == int(MAX_STEPS)
+    records = _jsonl(output.with_suffix(".baselines.jsonl"))
+    assert sorted((r["policy"], r["task_id"]) for r in records) == sorted(
+        (p, t.id) for p in SCRIPTED_POLICIES for t in tasks
+    )
+    gold = baselines["policies"]["gold"]
+    assert gold["pass_at_1"] == 1.0 and gold["transfer_rate"] == pytest.approx(
+        sum(any(a.name == "transfer_to_human_agents" for a in t.evaluation_criteria.actions) for t in tasks) / 3
+    )
+    transfer = baselines["policies"]["always_transfer"]
+    assert transfer["transfer_rate"] == 1.0
+    for name, policy in baselines["policies"].items():  # each record is tau2's verdict on that policy's episode
+        mine = [r for r in records if r["policy"] == name]
+        assert policy["successes"] == sum(r["success"] for r in mine)
+        assert policy["solved_task_ids"] == sorted(r["task_id"] for r in mine if r["success"])
+    check = baselines["shortcut_check"]
+    solvable = {
+        t
+        for name in ("always_transfer", "shotgun", "do_nothing")
+        for t in baselines["policies"][name]["solved_task_ids"]
+    }
+    model_successes = {r["task_id"] for r in data["results"] if r["success"]}
+    assert check["shortcut_resistant_tasks"] == len({t.id for t in tasks} - solvable)
+    assert check["model_on_shortcut_resistant_tasks"]["successes"] == len(model_successes - solvable)
+    assert check["verdict"] and set(check["by_subtask"]) == set(data["by_subtask"])
+    markdown = output.with_suffix(".md").read_text()
+    assert "Beside the shortcut baselines" in markdown and "always-transfer" in markdown and "Verdict" in markdown
+    assert "tau2's own metrics" in markdown and "pass_hat_1" in markdown
+
+    # Re-running plays nothing again; --no-baselines leaves them out.
+    assert main(_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks])) == 0
+    assert len(_jsonl(output.with_suffix(".baselines.jsonl"))) == len(records)
+    assert main([*_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks]), "--no-baselines"]) == 0
+    assert "baselines" not in json.loads(output.read_text())
+
+
+def _tau2_run_results(tasks: list[Any], save_to: Path) -> Path:
+    """A Results JSON written by tau2's own run machinery (`tau2.run.run_tasks`, what `tau2 run` calls): the
+    shotgun policy as a registered tau2 agent and the scripted customer as a registered tau2 user; no LLM."""
+    from rollout.scripted import Tau2ScriptedAgent, Tau2ScriptedUser
+    from rollout.tau2_setup import import_tau2, quiet_tau2_logging
+
+    registry = import_tau2()
+    from tau2.agent.llm_agent import LLMAgent
+    from tau2.run import run_tasks
+    from tau2.user.base import BaseUser
+
+    by_scenario = {str(task.user_scenario): task for task in tasks}
+
+    class ShotgunAgent(LLMAgent):  # tau2's run_task builds LLMAgent subclasses with tools, policy, llm, llm_args
+        def __init__(self, tools, domain_policy, llm=None, llm_args=None):
+            super().__init__(tools=tools, domain_policy=domain_policy, llm=llm, llm_args=llm_args)
+            self.script = Tau2ScriptedAgent(tools=[], domain_policy=domain_policy, task=None, policy="shotgun")
+
+        def get_init_state(self, message_history=None):
+            return self.script.get_init_state(message_history)
+
+        def generate_next_message(self, message, state):
+            return self.script.generate_next_message(message, state)
+
+    class ScriptedCustomer(BaseUser):  # tau2's run_task builds users from the task's instructions
+        def __new__(cls, tools=None, instructions=None, llm=None, llm_args=None):
+            return Tau2ScriptedUser(by_scenario[str(instructions)], tools)
+
+    if "recipe_test_shotgun" not in registry.get_agents():
+        registry.register_agent(ShotgunAgent, "recipe_test_shotgun")
+        registry.register_user(ScriptedCustomer, "scripted_user")
+    try:
+        run_tasks(
+            domain="telecom",
+            tasks=tasks,
+            agent="recipe_test_shotgun",
+            user="scripted_user",
+            llm_agent="shotgun",
+            llm_args_agent={},
+            llm_user=None,
+            llm_args_user={},
+            num_trials=2,
+            max_steps=int(MAX_STEPS),
+            save_to=save_to,
+            console_display=False,
+            max_concurrency=1,
+            log_level="ERROR",
+        )
+    finally:
+        quiet_tau2_logging()  # run_tasks replaces loguru's sinks
+    return save_to
+
+
+def test_compare_puts_a_tau2_run_beside_a_recipe_run(tmp_path, policy_url, tasks, smollm2_model_dir, capsys):
+    from rollout.tau2_setup import import_tau2
+
+    import_tau2()
+    from tau2.data_model.simulation import Results
+    from tau2.metrics.agent_metrics import compute_metrics
+
+    recipe = tmp_path / "recipe.json"
+    assert main(_args(policy_url, recipe, smollm2_model_dir, [t.id for t in tasks], "--num-trials", "2")) == 0
+    tau2_run = _tau2_run_results(tasks, tmp_path / "tau2_shotgun.json")
+    tau2 = compute_metrics(Results.load(tau2_run))
+    capsys.readouterr()
+    assert main(["--compare", str(recipe), str(tau2_run), "--output-path", str(tmp_path / "cmp")]) == 0
+    captured = capsys.readouterr()
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in captured.out.splitlines() if "|" in line}
+    assert [c.strip() for c in lines[""]] == ["recipe", "tau2_shotgun"]
+    assert lines["pass@1 [95% CI]"][1].strip().startswith(f"{100 * tau2.pass_hat_ks[1]:.1f}%")
+    assert lines["pass^2"][1].strip() == f"{100 * tau2.pass_hat_ks[2]:.1f}%"
+    assert lines["avg reward"][1].strip() == f"{tau2.avg_reward:.3f}"
+    assert lines["source"][1].strip() == "tau2 Results"
+    assert "(no baselines in this file)" in lines["beats the shortcuts"][1]
+    assert lines["baseline shotgun pass@1"][0].strip() != "-" and lines["baseline shotgun pass@1"][1].strip() == "-"
+    # The tau2 run played the shotgun on the same tasks with the same scripted user: the same score as the baseline.
+    shotgun = json.loads(recipe.read_text())["baselines"]["policies"]["shotgun"]
+    assert tau2.pass_hat_ks[1] == pytest.approx(shotgun["pass_at_1"])
+    assert "user simulator differs" not in captured.out and "max steps differs" not in captured.out
+    assert (tmp_path / "cmp.md").read_text().count("tau2_shotgun") >= 1
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
@@ -393,6 +638,7 @@ def test_results_from_another_configuration_are_refused(tmp_path, policy_url, ta
     output = tmp_path / "results.json"
     args = _args(policy_url, output, smollm2_model_dir, [tasks[0].id])
     assert main(args) == 0
+    capsys.readouterr()
     before = (output.read_bytes(), output.with_suffix(".episodes.jsonl").read_bytes())
     changed = [*args, "--max-steps", "20", "--temperature", "0.5"]
     err = _bad(capsys, changed)
@@ -530,5 +776,14 @@ def test_cli_with_real_model_on_cpu_server(tmp_path, smollm2_model_dir):
         assert episode["reward"] is not None
     assert "pass@1" in done.stdout and output.with_suffix(".md").exists() and output.with_suffix(".png").exists()
     assert output.with_suffix(".server.log").exists()
+    # The real model's episodes as tau2's Results: tau2's metrics equal the summary's; the shortcuts stand beside it.
+    from tau2.data_model.simulation import Results
+    from tau2.metrics.agent_metrics import compute_metrics
+
+    tau2 = compute_metrics(Results.load(output.with_suffix(".tau2.json")))
+    assert data["tau2_results"]["agrees_with_summary"] and data["pass_hat_1"] == pytest.approx(tau2.pass_hat_ks[1])
+    assert data["avg_reward"] == pytest.approx(tau2.avg_reward)
+    assert data["baselines"]["policies"]["gold"]["pass_at_1"] == 1.0
+    assert data["baselines"]["shortcut_check"]["verdict"] and "beside shortcut baselines" in done.stdout
     # The server was stopped: nothing answers on its port any more.
     assert not serving.is_healthy(data["run"]["server"]["url"])

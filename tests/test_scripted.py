@@ -9,15 +9,20 @@ import pytest
 
 from rollout.scripted import (
     CLOSING_MESSAGE,
+    SCRIPTED_POLICIES,
+    SHORTCUT_POLICIES,
     TRANSFER_MESSAGE,
     UNCLEAR_REPLY,
+    ScriptedPolicyAgent,
     ScriptedUser,
     ScriptedUserLogic,
     Tau2ScriptedUser,
     first_person,
     gold_agent_turns,
     opening_message,
+    policies_for_domain,
     run_tau2_orchestrator,
+    scripted_policy,
     solo_supported,
     turn_to_message,
 )
@@ -269,3 +274,85 @@ def test_first_person():
     assert first_person("Your phone has been showing 'No Service'.") == "My phone has been showing 'No Service'."
     assert first_person("You mobile data is slow. You want to fix it.") == "My mobile data is slow. I want to fix it."
     assert first_person("using your messaging app") == "using my messaging app"
+
+
+# ------------------------------------------------------------------------------------------- shortcut policies
+
+
+def _play_in_engine(task, policy):
+    from rollout.engine import EpisodeConfig, prepare_episode, run_episode
+
+    config = EpisodeConfig(domain="telecom", max_steps=200)
+
+    async def play():
+        setup = await prepare_episode(task, config)
+        return await run_episode(task, ScriptedPolicyAgent(policy, task), ScriptedUser(task), config, env=setup.env)
+
+    return asyncio.run(play())
+
+
+def test_shortcut_policies_on_telecom_test_through_the_engine_and_tau2(tasks):
+    """Each scripted policy on the 40 telecom test tasks with the scripted user: the engine and tau2's own
+    Orchestrator reach the same verdict on every task, and the shortcut scores are what the task data predicts."""
+    test_tasks = get_task_store().tasks("telecom", "test")
+    assert len(test_tasks) == 40
+    transfer_only = {
+        t.id for t in test_tasks if [a.name for a in t.evaluation_criteria.actions] == ["transfer_to_human_agents"]
+    }
+    assert len(transfer_only) == 12
+    solved: dict[str, set[str]] = {}
+    for policy in SCRIPTED_POLICIES:
+        solved[policy] = set()
+        for task in test_tasks:
+            result = _play_in_engine(task, policy)
+            reference = run_tau2_orchestrator(task, solo_mode=False, max_steps=200, policy=policy)
+            assert result.reward == reference.reward_info.reward, (policy, task.id)
+            assert result.termination_reason == reference.termination_reason.value, (policy, task.id)
+            if result.success:
+                solved[policy].add(task.id)
+    assert len(solved["gold"]) == 40
+    assert solved["always_transfer"] == transfer_only  # 12/40: the transfer's arguments are never compared
+    assert solved["do_nothing"] == set()
+    # The shotgun transfers on "No Service" (the 12 again) and gets more through asking for every fix by name.
+    assert transfer_only < solved["shotgun"] and len(solved["shotgun"]) == 24
+    assert not any(t.startswith("[service_issue]") for t in solved["shotgun"] - transfer_only)
+
+
+def test_shortcut_plans_read_only_the_first_user_message(tasks):
+    no_service = "Hi! My phone has been showing 'No Service' for the past few hours."
+    mms = "Hi! I am unable to send MMS messages using my messaging app."
+    for policy in SHORTCUT_POLICIES:  # no task: a shortcut must not need one
+        assert scripted_policy(policy).plan(None, no_service)
+    shotgun = scripted_policy("shotgun").plan(None, no_service)
+    assert [c["name"] for t in shotgun for c in t.tool_calls] == ["transfer_to_human_agents"]
+    assert shotgun[-1].content == TRANSFER_MESSAGE
+    plan = scripted_policy("shotgun").plan(None, mms)
+    asks = [t.content for t in plan if t.content and not t.tool_calls][:-1]
+    assert len(asks) == 12 and all(t.startswith("Please ") for t in asks)
+    assert asks.index(next(a for a in asks if "reset_apn_settings" in a)) < asks.index(
+        next(a for a in asks if "reboot_device" in a)
+    )
+    calls = [c for t in plan for c in t.tool_calls]
+    assert calls == [
+        {"name": "refuel_data", "arguments": {"customer_id": "C1001", "line_id": "L1002", "gb_amount": 2.0}},
+        {"name": "enable_roaming", "arguments": {"customer_id": "C1001", "line_id": "L1002"}},
+    ]
+    assert plan[-1].content == CLOSING_MESSAGE
+    assert policies_for_domain("airline") == ["gold", "always_transfer", "do_nothing"]  # the shotgun is telecom's
+    with pytest.raises(ValueError, match="unknown scripted policy 'nope'"):
+        scripted_policy("nope")
+    with pytest.raises(ValueError, match="solo mode plays the gold policy only"):
+        run_tau2_orchestrator(tasks[0], solo_mode=True, policy="shotgun")
+
+
+def test_a_shortcut_repeats_its_last_turn(tasks):
+    agent = ScriptedPolicyAgent("always_transfer", tasks[0])
+
+    async def turns():
+        opening = [{"role": "user", "content": "Hi! My phone has been showing 'No Service'."}]
+        return [await agent.act(opening if i == 0 else [], i) for i in range(4)]
+
+    played = asyncio.run(turns())
+    assert played[0].message.tool_calls[0].name == "transfer_to_human_agents"
+    assert played[0].message.tool_calls[0].id == "call_0_0" and "transfer_to_human_agents" in played[0].raw_text
+    assert [t.message.content for t in played[1:]] == [TRANSFER_MESSAGE] * 3
