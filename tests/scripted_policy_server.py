@@ -41,6 +41,7 @@ class ScriptedPolicyServer:
     responder: Responder
     end_of_turn_id: int = 2
     decode_prompt: bool = True  # False: the responder gets "" (saves the server's CPU in load tests)
+    weight_version: str | None = None  # sglang's meta_info["weight_version"], when the test wants one
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +103,8 @@ class ScriptedPolicyServer:
             "cached_tokens": 0,
             "finish_reason": finish,
         }
+        if self.weight_version is not None:
+            meta["weight_version"] = self.weight_version
         if body.get("return_logprob"):
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, ids)]
         return web.json_response({"text": text, "output_ids": ids, "meta_info": meta})
