@@ -56,7 +56,7 @@ TRANSFER_TOOL = "transfer_to_human_agents"
 EPISODE_KEYS = (
     "task_id", "domain", "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
     "truncated_checks", "turns", "steps", "tool_calls", "tool_errors", "invalid_turns", "user_tool_calls",
-    "transferred", "budget_hit", "turn_cap_hits", "policy_tokens", "policy_latency_s", "user_tokens",
+    "transferred", "gold_transfer", "budget_hit", "turn_cap_hits", "policy_tokens", "policy_latency_s", "user_tokens",
     "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",
     "partial_components", "shaped_reward", "advantage", "reward_valid",
 )  # fmt: skip
@@ -247,7 +247,14 @@ def _trajectory_counts(messages: list[dict[str, Any]]) -> tuple[bool, int]:
     return transferred, user_calls
 
 
-def episode_metadata(result: Any, agent: Any, evaluation: bool) -> dict[str, Any]:
+def _gold_transfers(task: Any) -> bool | None:
+    criteria = getattr(task, "evaluation_criteria", None)
+    if criteria is None:
+        return None
+    return any(action.name == TRANSFER_TOOL for action in criteria.actions or [])
+
+
+def episode_metadata(result: Any, agent: Any, evaluation: bool, task: Any = None) -> dict[str, Any]:
     from rollout.task_store import task_subtask
 
     record = result.record
@@ -268,6 +275,7 @@ def episode_metadata(result: Any, agent: Any, evaluation: bool) -> dict[str, Any
         "invalid_turns": len(result.invalid_turns),
         "user_tool_calls": user_calls,
         "transferred": transferred,
+        "gold_transfer": _gold_transfers(task),
         "budget_hit": result.termination_reason == "max_tokens",
         "turn_cap_hits": getattr(agent, "turn_cap_hits", 0),
         "policy_tokens": record.sampled_tokens if record is not None else 0,
@@ -285,6 +293,7 @@ def fill_sample(
     failure: str | None = None,
     agent: Any = None,
     evaluation: bool = False,
+    task: Any = None,
 ) -> Any:
     """Write an episode into slime's Sample; a response is never empty and failed or aborted ones train nothing."""
     record = result.record if result is not None else None
@@ -325,7 +334,7 @@ def fill_sample(
     valid_reward = not (failed or aborted) and result is not None and result.reward is not None
     sample.reward = float(result.reward) if valid_reward else 0.0
     if result is not None:
-        metadata.update(episode_metadata(result, agent, evaluation))
+        metadata.update(episode_metadata(result, agent, evaluation, task))
         sample.non_generation_time = result.user_latency_s + result.env_s + result.eval_s
         if os.environ.get("TAU2_KEEP_TRAJECTORY", "0") == "1":
             metadata["tau2_messages"] = result.messages
@@ -396,7 +405,7 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
         result = await run_episode(task, agent, user, config, env=setup.env, abort_check=abort_check)
         if agent.record is None and result.status not in ("failed", "aborted"):
             result.status, result.failure = "failed", result.failure or "the episode ended before the policy's turn"
-        return fill_sample(sample, result, tokenizer, agent=agent, evaluation=evaluation)
+        return fill_sample(sample, result, tokenizer, agent=agent, evaluation=evaluation, task=task)
     except Exception as err:  # bad args, sample, tokenizer or setup: report it on the sample, never crash the batch
         try:
             return fill_sample(sample, None, tokenizer, failure=f"{type(err).__name__}: {err}", evaluation=evaluation)
