@@ -134,6 +134,9 @@ class ScriptedPolicyServer:
         usage = {"prompt_tokens": len(input_ids), "completion_tokens": len(ids)}
         return web.json_response({"id": "cmpl", "object": "text_completion", "choices": [choice], "usage": usage})
 
+    def add_routes(self, app: web.Application) -> None:
+        """More endpoints of the same server (a subclass adds sglang's router / admin routes)."""
+
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> str:
         ready = threading.Event()
@@ -145,6 +148,7 @@ class ScriptedPolicyServer:
             app.router.add_get("/health", self._health)
             app.router.add_post("/generate", self._generate)
             app.router.add_post("/v1/completions", self._completions)
+            self.add_routes(app)
             runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -383,3 +383,33 @@ def test_budget_from_sampling_params(tok, model_dir, scripted_env):
     assert out.status == Sample.Status.TRUNCATED
     assert 0 < out.response_length <= 300
     assert out.metadata["termination_reason"] == "max_tokens"
+
+
+def test_a_hung_user_simulator_is_bounded_by_the_turn_deadline(tok, model_dir, scripted_env, monkeypatch):
+    import rollout.user_sim
+
+    class HungCustomer:
+        async def respond(self, incoming):
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(rollout.user_sim, "build_user", lambda config, task, tools, clients: HungCustomer())
+    monkeypatch.setenv("TAU2_TURN_TIMEOUT_S", "0.3")
+    with ScriptedPolicyServer(tok, lambda p, q: "Hello") as url:
+        out = _generate(slime_args(model_dir, _port(url)), Sample(prompt=0, metadata=dict(_rows()[0]["metadata"])), {})
+    assert out.status == Sample.Status.FAILED and out.remove_sample and sum(out.loss_mask) == 0
+    assert out.metadata["failure_kind"] == "user_simulator_timeout"
+
+
+def test_every_wait_has_a_default_bound_derived_from_the_budgets():
+    from rollout import budgets
+    from rollout.engine import EpisodeConfig
+
+    config = EpisodeConfig()
+    assert config.turn_timeout_s is None and config.episode_timeout_s is None  # nothing set: derived
+    assert config.turn_deadline_s() == budgets.TURN_OVERHEAD_S + budgets.TURN_TOKENS / budgets.MIN_TOKENS_PER_S
+    assert (
+        config.episode_deadline_s(budgets.EPISODE_TOKENS) == budgets.EPISODE_TOKENS / budgets.MIN_EPISODE_TOKENS_PER_S
+    )
+    assert config.turn_deadline_s() <= 5 * 60 and config.episode_deadline_s(None) <= 30 * 60
+    assert EpisodeConfig(max_tokens_per_turn=4096).turn_deadline_s() > config.turn_deadline_s()
+    assert EpisodeConfig(turn_timeout_s=7, episode_timeout_s=9).episode_deadline_s(10**6) == 9
