@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import ROOT, agent_turn_index, gold_script_texts, opening_of
 from scripted_policy_server import ScriptedPolicyServer
+from slime_stubs import slime_runtime
 from slime_vendor import slime_src
 
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
@@ -110,11 +111,11 @@ def _slime_qwen3_mask(tokenizer, row):
     src = slime_src()
     if src is None:
         pytest.skip("slime's source not found: set SLIME_SRC to a slime clone to compare with its qwen3 loss mask")
-    if str(src) not in sys.path:
-        sys.path.insert(0, str(src))
-    from slime.utils.mask_utils import MultiTurnLossMaskGenerator
+    with slime_runtime(src):  # slime on the path for this call only
+        from slime.utils.mask_utils import MultiTurnLossMaskGenerator
 
-    return MultiTurnLossMaskGenerator(tokenizer, tokenizer_type="qwen3").get_loss_mask(row["messages"], row["tools"])
+        generator = MultiTurnLossMaskGenerator(tokenizer, tokenizer_type="qwen3")
+        return generator.get_loss_mask(row["messages"], row["tools"])
 
 
 def test_episode_row_passes_the_checker_and_matches_slimes_qwen3_mask(qwen3, gold_episode):

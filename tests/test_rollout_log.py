@@ -10,7 +10,7 @@ import math
 import pytest
 from slime_standins import OldSample, Sample
 
-from reward.dynamic_filter import shaped_reward_nonzero_std, shaped_reward_nonzero_std_with_fallback
+from reward import dynamic_filter
 from reward.tau2_reward_shaping import ShapingConfig, shape_reward
 from rollout import rollout_log
 
@@ -119,11 +119,23 @@ def test_the_log_functions_never_raise_and_let_slime_log_its_own(caplog):
 # ------------------------------------------------------------------------------------------ dynamic sampling
 
 
+def _keeps(group, fallback: bool = False) -> bool:
+    """The filter's decision: slime's DynamicFilterOutput where slime is importable, else the boolean it accepts."""
+    fn = (
+        dynamic_filter.shaped_reward_nonzero_std_with_fallback if fallback else dynamic_filter.shaped_reward_nonzero_std
+    )
+    out = fn(None, group)
+    if not isinstance(out, bool):
+        assert out.keep_when_insufficient is fallback
+        out = bool(out.keep)
+    return out
+
+
 def test_all_fail_groups_with_different_progress_are_kept():
     """slime's check_reward_nonzero_std reads the 0/1 reward: it would drop this group; the shaped one keeps it."""
     group = [_sample(0.0, met=0), _sample(0.0, met=2)]
     assert len({s.reward for s in group}) == 1
-    assert shaped_reward_nonzero_std(None, group) is True  # outside slime: the boolean slime also accepts
+    assert _keeps(group) is True
 
 
 @pytest.mark.parametrize(
@@ -137,9 +149,9 @@ def test_all_fail_groups_with_different_progress_are_kept():
     ids=["all-success", "same-progress", "one-valid-failed", "one-valid-aborted"],
 )
 def test_groups_without_an_advantage_are_dropped(group):
-    assert shaped_reward_nonzero_std(None, group) is False
-    assert shaped_reward_nonzero_std_with_fallback(None, group) is False
+    assert _keeps(group) is False
+    assert _keeps(group, fallback=True) is False
 
 
 def test_mixed_groups_are_kept():
-    assert shaped_reward_nonzero_std(None, [_sample(1.0), _sample(0.0, met=3)]) is True
+    assert _keeps([_sample(1.0), _sample(0.0, met=3)]) is True
