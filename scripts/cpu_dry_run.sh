@@ -16,6 +16,7 @@
 #   OUT_DIR=runs/cpu_dry_run   VENV=.venv   PYTHON=python3   SKIP_INSTALL=0   PORT=30123   THREADS=(all cores)
 #   NUM_PROMPTS=2   N_SAMPLES=2   EPISODE_MAX_TOKENS=192   MAX_TOKENS_PER_TURN=48   MAX_TURNS=4
 #   EVAL_TASKS=2   GOLD_TASKS=4   TEMPERATURE=1.0
+#   TURN_TIMEOUT_S=900 (bound on one turn: a CPU model is far slower than the GPU-server default of rollout/budgets.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +31,7 @@ N_SAMPLES="${N_SAMPLES:-2}"
 EPISODE_MAX_TOKENS="${EPISODE_MAX_TOKENS:-192}"
 MAX_TOKENS_PER_TURN="${MAX_TOKENS_PER_TURN:-48}"
 MAX_TURNS="${MAX_TURNS:-4}"
+TURN_TIMEOUT_S="${TURN_TIMEOUT_S:-900}"
 EVAL_TASKS="${EVAL_TASKS:-2}"
 GOLD_TASKS="${GOLD_TASKS:-4}"
 TEMPERATURE="${TEMPERATURE:-1.0}"
@@ -121,7 +123,7 @@ export TAU2_POLICY_VARIANT=compact
 export TAU2_USER_KIND="${TAU2_USER_KIND:-scripted}"
 export TAU2_TASK_SPLIT=train
 # The model's episodes get short turns and few of them (it decodes ~10-20 tokens/s on 2 cores); gold traces do not.
-SHORT_EPISODES=(env TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN" TAU2_MAX_TURNS="$MAX_TURNS")
+SHORT_EPISODES=(env TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN" TAU2_MAX_TURNS="$MAX_TURNS" TAU2_TURN_TIMEOUT_S="$TURN_TIMEOUT_S")
 
 stage rollout "GRPO-shaped batch: $NUM_PROMPTS prompts x $N_SAMPLES samples through rollout.generate_with_tau.generate + reward post-process"
 echo "COMPACT POLICY (dry run only): scores are not comparable with the full telecom policy"
