@@ -71,6 +71,7 @@ from eval.serving import (
     served_model_info,
     split_server_args,
 )
+from rollout.budgets import EPISODE_TOKENS
 
 PROG = "evaluate_tau2.py"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("sampling and episode limits")
     a.add_argument("--temperature", type=_non_negative_float, default=0.0)
     a.add_argument("--top-p", type=float, default=1.0)
-    a.add_argument("--max-response-tokens", type=_positive_int, default=32768, help="token budget of an episode")
+    budget_help = "token budget of an episode, as in GRPO (rollout/budgets.py)"
+    a.add_argument("--max-response-tokens", type=_positive_int, default=EPISODE_TOKENS, help=budget_help)
     a.add_argument("--max-context-tokens", type=_positive_int, help="default: the server's max_model_len if reported")
     a.add_argument("--max-steps", type=_positive_int, help="tau2 max_steps (default $TAU2_MAX_STEPS or 200)")
     a.add_argument("--max-errors", type=_positive_int, help="tau2 max_errors (default $TAU2_MAX_ERRORS or 10)")

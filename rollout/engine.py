@@ -33,7 +33,8 @@ from typing import Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
-from rollout.policy_client import PolicyClient, PolicyServerError
+from rollout import budgets
+from rollout.policy_client import PolicyClient, PolicyServerError, PolicyTimeout
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
@@ -143,8 +144,13 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise ValueError(f"{name}={raw!r} is not an integer") from err
 
 
+class TurnTimeout(RuntimeError):
+    """A policy or user-simulator turn took longer than its bound (EpisodeConfig.turn_deadline_s)."""
+
+
 class EpisodeConfig(BaseModel):
-    """How an episode is played. Defaults match tau2's CLI (max_steps 200, max_errors 10)."""
+    """How an episode is played. Defaults match tau2's CLI (max_steps 200, max_errors 10); token budgets and time
+    bounds come from rollout.budgets (the same for GRPO, in-training evaluation and the evaluator)."""
 
     domain: str = "telecom"
     solo_mode: bool = False
@@ -153,16 +159,32 @@ class EpisodeConfig(BaseModel):
     max_turns: int | None = Field(default=None, gt=0, description="cap on policy turns (None: only max_steps)")
     max_tool_calls_per_turn: int | None = Field(default=None, gt=0, description="None: parallel calls allowed")
     max_tokens_per_turn: int | None = Field(
-        default=None, gt=0, description="cap on one policy turn; a turn cut by it is closed (masked) and played as is"
+        default=budgets.TURN_TOKENS,
+        gt=0,
+        description="cap on one policy turn; a turn cut by it is closed (masked) and played as is (None: no cap)",
     )
     policy_variant: Literal["full", "compact"] = "full"
     evaluate: bool = True
-    episode_timeout_s: float | None = Field(default=None, gt=0)
+    episode_timeout_s: float | None = Field(default=None, gt=0, description="None: derived from the token budget")
+    turn_timeout_s: float | None = Field(
+        default=None, gt=0, description="bound on one policy or user turn, retries included; None: derived"
+    )
+
+    def turn_deadline_s(self) -> float:
+        """The bound on one turn: turn_timeout_s, else derived from the per-turn token cap (rollout.budgets)."""
+        return self.turn_timeout_s or budgets.turn_timeout_s(self.max_tokens_per_turn)
+
+    def episode_deadline_s(self, episode_tokens: int | None) -> float:
+        """The bound on the episode: episode_timeout_s, else derived from its token budget (rollout.budgets)."""
+        if self.episode_timeout_s is not None:
+            return self.episode_timeout_s
+        return max(budgets.episode_timeout_s(episode_tokens, self.max_tokens_per_turn), 4 * self.turn_deadline_s())
 
     @classmethod
     def from_env(cls, **overrides: Any) -> EpisodeConfig:
         """TAU2_DOMAIN, TAU2_SOLO_MODE, TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOOL_CALLS_PER_TURN,
-        TAU2_MAX_TOKENS_PER_TURN, TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S; keyword overrides win."""
+        TAU2_MAX_TOKENS_PER_TURN (0: no cap), TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S, TAU2_TURN_TIMEOUT_S;
+        keyword overrides win."""
         values: dict[str, Any] = {}
         if os.environ.get("TAU2_DOMAIN"):
             values["domain"] = os.environ["TAU2_DOMAIN"]
@@ -177,11 +199,16 @@ class EpisodeConfig(BaseModel):
         ):
             value = _env_int(var, None)
             if value is not None:
-                values[key] = value
+                values[key] = None if key == "max_tokens_per_turn" and value == 0 else value
         if os.environ.get("TAU2_POLICY_VARIANT"):
             values["policy_variant"] = os.environ["TAU2_POLICY_VARIANT"]
-        if os.environ.get("TAU2_EPISODE_TIMEOUT_S"):
-            values["episode_timeout_s"] = float(os.environ["TAU2_EPISODE_TIMEOUT_S"])
+        for key, var in (("episode_timeout_s", "TAU2_EPISODE_TIMEOUT_S"), ("turn_timeout_s", "TAU2_TURN_TIMEOUT_S")):
+            raw = os.environ.get(var, "").strip()
+            if raw:
+                try:
+                    values[key] = float(raw)
+                except ValueError as err:
+                    raise ValueError(f"{var}={raw!r} is not a number of seconds") from err
         values.update(overrides)
         return cls(**values)
 
@@ -438,8 +465,21 @@ def _message_from_calls(
     return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None, raw_data=raw)
 
 
+_VOCAB_SIZES: dict[int, int] = {}
+
+
+def _vocab_size(tokenizer: Any) -> int:
+    """Ids a tokenizer can decode (base vocabulary and added tokens), computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _VOCAB_SIZES:
+        _VOCAB_SIZES[key] = len(tokenizer)
+    return _VOCAB_SIZES[key]
+
+
 class TokenAgent:
-    """The policy, token-in-token-out: sampled ids kept verbatim, everything else rendered by the chat template."""
+    """The policy, token-in-token-out: sampled ids kept verbatim, everything else rendered by the chat template.
+    Every sampled id is checked against the tokenizer's vocabulary: a turn with an id outside it fails the episode
+    as a policy-server fault (PolicyServerError), before anything is decoded or recorded."""
 
     def __init__(
         self,
@@ -461,8 +501,14 @@ class TokenAgent:
         self.max_context_tokens = max_context_tokens
         self.max_tool_calls_per_turn = max_tool_calls_per_turn
         self.sampling_params = self._prepare_params(sampling_params)
+        self.vocab_size = _vocab_size(tokenizer)
         self.record: TokenRecord | None = None
         self._turn_closed = True
+        # What slime's Sample keeps per request (prefix_cache_info, weight_versions) and the per-turn cap's hits.
+        self.cached_tokens = 0
+        self.request_prompt_tokens = 0
+        self.weight_versions: list[str] = []
+        self.turn_cap_hits = 0
 
     def _prepare_params(self, params: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in params.items() if v is not None}
@@ -510,8 +556,21 @@ class TokenAgent:
                 out.token_ids[: params["max_new_tokens"]],
                 out.logprobs[: params["max_new_tokens"]],
             )
+        bad = [t for t in out.token_ids if not 0 <= t < self.vocab_size]
+        if bad:  # never decoded, never trained: a server or checkpoint that does not match this tokenizer
+            count = f", {len(bad)} such ids" if len(bad) > 1 else ""
+            raise PolicyServerError(
+                f"the policy server returned token id {bad[0]} outside the tokenizer's vocabulary "
+                f"(0..{self.vocab_size - 1}{count}): the served model and --hf-checkpoint differ"
+            )
+        self.cached_tokens += out.cached_tokens
+        self.request_prompt_tokens += out.prompt_tokens
+        if out.weight_version is not None:
+            self.weight_versions.append(out.weight_version)
         self.record.add_sampled(out.token_ids, out.logprobs)
         closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
+        if not closed and out.finish_reason != "abort" and len(out.token_ids) >= turn_cap and turn_cap < left:
+            self.turn_cap_hits += 1
         self._turn_closed = closed
         body_ids = out.token_ids[:-1] if closed else out.token_ids
         text = self.tokenizer.decode(body_ids, skip_special_tokens=False)
@@ -684,9 +743,20 @@ def _run_tools(ep: _Episode, env: Environment, message: AssistantMessage | UserM
     return results
 
 
+async def _bounded(awaitable: Any, seconds: float, who: str) -> Any:
+    """Await one turn within its bound; a stuck server becomes a TurnTimeout naming the knob."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except (asyncio.TimeoutError, PolicyTimeout):
+        raise TurnTimeout(
+            f"the {who} produced no turn within {seconds:.0f} s (TAU2_TURN_TIMEOUT_S; default derived from "
+            "TAU2_MAX_TOKENS_PER_TURN, see rollout/budgets.py)"
+        ) from None
+
+
 async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None, str]:
     """One agent turn; returns (message, next recipient) or (None, 'stop') when the episode ends."""
-    turn = await agent.act(ep.pending, ep.turns)
+    turn = await _bounded(agent.act(ep.pending, ep.turns), ep.config.turn_deadline_s(), "policy")
     ep.pending = []
     ep.turns += 1
     ep.policy_latency += turn.latency_s
@@ -725,10 +795,29 @@ async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None
     return message, "user"
 
 
-async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Environment | None) -> None:
+ABORTED_BY_TRAINER = "the trainer aborted the rollout (its batch was full) before this turn"
+
+
+def _aborted(ep: _Episode, abort_check: Callable[[], bool] | None) -> bool:
+    """Checked before every policy and user turn: once the trainer aborts, no new request is sent."""
+    if abort_check is None or not abort_check():
+        return False
+    ep.status, ep.reason, ep.failure = "aborted", "aborted", ABORTED_BY_TRAINER
+    return True
+
+
+async def _play(
+    ep: _Episode,
+    agent: EpisodeAgent,
+    user: Any | None,
+    env: Environment | None,
+    abort_check: Callable[[], bool] | None = None,
+) -> None:
     config = ep.config
     if config.solo_mode:
         # tau2 solo: the agent's first turn happens during initialization and is not counted as a step.
+        if _aborted(ep, abort_check):
+            return
         message, to_role = await _agent_step(ep, agent)
         if to_role == "stop":
             return
@@ -738,10 +827,12 @@ async def _play(ep: _Episode, agent: EpisodeAgent, user: Any | None, env: Enviro
         ep.trajectory.append(greeting)
         message, to_role = greeting, "user"
     while not ep.done:
+        if to_role in ("user", "agent") and _aborted(ep, abort_check):
+            return
         if to_role == "user":
             if user is None:
                 raise RuntimeError("a message was routed to the user in solo mode")
-            reply = await user.respond(message)
+            reply = await _bounded(user.respond(message), config.turn_deadline_s(), "user simulator")
             user_message = reply.message
             user_message.validate()  # as tau2's Orchestrator: an empty user message is an error, not a turn
             ep.user_latency += reply.latency_s
@@ -822,22 +913,25 @@ async def run_episode(
     user: Any | None,
     config: EpisodeConfig,
     env: Environment | None = None,
+    abort_check: Callable[[], bool] | None = None,
 ) -> EpisodeResult:
     """Play one task to the end and judge it with tau2's evaluator. Never raises for episode-level failures:
     infrastructure errors (policy or user simulator down past retries, timeouts, bugs) come back as status 'failed'.
-    `env`: a fresh environment, or None to build one where the episode first needs it (after the first LLM reply)."""
+    `env`: a fresh environment, or None to build one where the episode first needs it (after the first LLM reply).
+    `abort_check`: called before every policy and user turn; True ends the episode as 'aborted' (slime's abort).
+    Every wait is bounded: each turn by `config.turn_deadline_s()`, the episode by `config.episode_deadline_s()`
+    of the agent's token budget."""
     started = time.perf_counter()
     started_at = get_now()
     ep = _Episode(task, config)
+    deadline = config.episode_deadline_s(getattr(agent, "max_response_tokens", None))
     try:
-        play = _play(ep, agent, user, env)
-        if config.episode_timeout_s is not None:
-            await asyncio.wait_for(play, config.episode_timeout_s)
-        else:
-            await play
+        await asyncio.wait_for(_play(ep, agent, user, env, abort_check), deadline)
+    except TurnTimeout as err:
+        ep.status, ep.reason, ep.failure = "failed", "timeout", str(err)
     except asyncio.TimeoutError:
         ep.status, ep.reason = "failed", "timeout"
-        ep.failure = f"episode exceeded {config.episode_timeout_s} s"
+        ep.failure = f"the episode exceeded {deadline:.0f} s (TAU2_EPISODE_TIMEOUT_S; default derived from its budget)"
     except Exception as err:  # servers down past retries, a tau2 error or a bug: never take down the batch
         ep.status, ep.reason = "failed", "infra_error"
         ep.failure = f"{type(err).__name__}: {err}"

@@ -2,13 +2,31 @@
 
 A thin adapter over rollout.engine: it resolves the task from the sample, plays one episode token-in-token-out
 against slime's sglang router, and writes slime's fields (tokens, response_length, loss_mask, rollout_log_probs,
-reward, status, metadata). It never raises: a failed episode comes back with status FAILED (TRUNCATED on an older slime
-without FAILED), `remove_sample=True`, a reason in metadata, and a one-token masked response, so it trains nothing.
+reward, status, metadata, prefix_cache_info, weight_versions, non_generation_time). It never raises, whatever the
+args, sample or tokenizer: a failed episode comes back FAILED (TRUNCATED on an older slime without FAILED), an
+episode the trainer aborted comes back ABORTED; both with `remove_sample=True`, reward 0.0, a reason in metadata and
+a loss mask of zeros (so they train nothing whatever the trainer does with `remove_sample`), and never an empty
+response.
+
+Budgets (rollout.budgets; the same in training, in-training evaluation and the evaluator):
+- the episode's whole response (sampled turns, tool results, user turns) is `sampling_params["max_new_tokens"]`,
+  i.e. slime's `--rollout-max-response-len` (`--eval-max-response-len` when evaluating): the episode budget;
+- prompt + response: `--rollout-max-context-len` (`--eval-max-context-len` when evaluating);
+- one policy turn: TAU2_MAX_TOKENS_PER_TURN (default rollout.budgets.TURN_TOKENS; 0: no cap).
+Time bounds: each policy or user-simulator turn TAU2_TURN_TIMEOUT_S, the episode TAU2_EPISODE_TIMEOUT_S; both
+derived from the budgets when unset (rollout/budgets.py).
+
+Aborts: slime aborts a rollout's in-flight requests once its batch is full. Before every policy and user turn the
+episode checks slime's abort flag (`GenerateState.aborted` in slime.rollout.sglang_rollout) and ends as ABORTED
+instead of sending new requests. On partial-rollout re-entry an aborted sample is reset and played from the start
+(a tau2 episode cannot resume: its environment and user simulator state are gone).
 
 Settings come from environment variables (the launcher forwards every TAU2_* variable to the Ray job):
   TAU2_POLICY_API       sglang (native /generate, default) or openai (/v1/completions with a token-id prompt)
-  TAU2_POLICY_URL       policy server root; default http://{args.sglang_router_ip}:{args.sglang_router_port}
-  TAU2_DOMAIN, TAU2_TASK_SPLIT   where `--input-key index` rows are looked up (default telecom / train)
+  TAU2_POLICY_URL       a policy server to use instead of slime's router; honoured only with
+                        TAU2_POLICY_URL_OVERRIDE=1 (or where args name no router), and logged either way
+  TAU2_DOMAIN, TAU2_TASK_SPLIT   where `--input-key index` rows are looked up (default telecom / train;
+                        TAU2_EVAL_TASK_SPLIT, default test, when slime evaluates)
   TAU2_USER_*           the user simulator (rollout.user_sim.UserSimConfig.from_env)
   TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOKENS_PER_TURN, ...   the episode (EpisodeConfig.from_env)
   TAU2_KEEP_TRAJECTORY  1: keep the tau2 message trajectory in sample.metadata["tau2_messages"]
@@ -17,20 +35,31 @@ Settings come from environment variables (the launcher forwards every TAU2_* var
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import threading
 from typing import Any
 
-from rollout.engine import EpisodeConfig, EpisodeResult, TokenAgent, prepare_episode, run_episode
 from rollout.policy_client import PolicyClient, RetryPolicy, build_policy_client
-from rollout.task_store import get_task_store, task_from_metadata, task_subtask
-from rollout.token_record import ChatRenderer
-from rollout.user_sim import UserSimConfig, build_user
+
+logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _TOKENIZERS: dict[str, Any] = {}
-_POLICIES: dict[tuple[str, str, int], PolicyClient] = {}
+_POLICIES: dict[tuple[str, str, int, float], PolicyClient] = {}
 _USER_CLIENTS: dict[Any, Any] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+TRANSFER_TOOL = "transfer_to_human_agents"
+# Per-episode metadata this module writes: cleared when a sample is played again (partial-rollout re-entry).
+EPISODE_KEYS = (
+    "task_id", "domain", "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
+    "truncated_checks", "turns", "steps", "tool_calls", "tool_errors", "invalid_turns", "user_tool_calls",
+    "transferred", "gold_transfer", "budget_hit", "turn_cap_hits", "policy_tokens", "policy_latency_s", "user_tokens",
+    "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",
+    "partial_components", "shaped_reward", "advantage", "reward_valid",
+)  # fmt: skip
 
 
 def load_tokenizer(path: str) -> Any:
@@ -43,15 +72,59 @@ def load_tokenizer(path: str) -> Any:
         return _TOKENIZERS[path]
 
 
-def policy_for(args: Any) -> PolicyClient:
-    url = os.environ.get("TAU2_POLICY_URL") or f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
+def slime_aborted() -> bool:
+    """True while slime's rollout is aborting its in-flight work (its batch is full).
+
+    slime 624b824 sets `GenerateState(args).aborted = True` in `abort()` (slime/rollout/sglang_rollout.py), then
+    aborts sglang's requests and waits for the pending groups; `reset()` clears it for the next rollout. The state is
+    a singleton (SingletonMeta), read here without creating it and without importing slime where it is not loaded."""
+    module = sys.modules.get("slime.rollout.sglang_rollout")
+    state_cls = getattr(module, "GenerateState", None) if module is not None else None
+    instances = getattr(type(state_cls), "_instances", None) if state_cls is not None else None
+    state = instances.get(state_cls) if isinstance(instances, dict) else None
+    return bool(getattr(state, "aborted", False))
+
+
+def _log_once(level: int, key: tuple[str, str], message: str) -> None:
+    with _LOCK:
+        if key in _LOGGED:
+            return
+        _LOGGED.add(key)
+    logger.log(level, message)
+
+
+def policy_url(args: Any) -> str:
+    """slime's router, unless the user asked for TAU2_POLICY_URL (TAU2_POLICY_URL_OVERRIDE=1) or there is none."""
+    override = (os.environ.get("TAU2_POLICY_URL") or "").strip()
+    router_ip, router_port = getattr(args, "sglang_router_ip", None), getattr(args, "sglang_router_port", None)
+    router = f"http://{router_ip}:{router_port}" if router_ip and router_port else None
+    opted_in = os.environ.get("TAU2_POLICY_URL_OVERRIDE", "").strip().lower() in ("1", "true", "yes")
+    if override and (opted_in or router is None):
+        why = "TAU2_POLICY_URL_OVERRIDE=1" if opted_in else "no sglang router in slime's args"
+        _log_once(logging.WARNING, ("url", override), f"tau2 rollouts use TAU2_POLICY_URL={override} ({why})")
+        return override
+    if router is None:
+        raise ValueError("slime's args name no sglang router (sglang_router_ip / sglang_router_port)")
+    if override:
+        _log_once(
+            logging.WARNING,
+            ("ignored", override),
+            f"TAU2_POLICY_URL={override} is set but ignored: tau2 rollouts go to slime's router {router} "
+            "(set TAU2_POLICY_URL_OVERRIDE=1 to use TAU2_POLICY_URL instead)",
+        )
+    return router
+
+
+def policy_for(args: Any, turn_timeout_s: float) -> PolicyClient:
+    url = policy_url(args)
     api = os.environ.get("TAU2_POLICY_API", "sglang")
-    key = (url, api, id(asyncio.get_running_loop()))  # aiohttp sessions belong to one loop
+    key = (url, api, id(asyncio.get_running_loop()), turn_timeout_s)  # aiohttp sessions belong to one loop
     with _LOCK:
         if key not in _POLICIES:
-            _POLICIES[key] = build_policy_client(
-                url, api=api, model=os.environ.get("TAU2_POLICY_MODEL", "default"), retry=RetryPolicy()
-            )
+            # One attempt never outlasts the turn's bound; the engine bounds the turn, retries included.
+            retry = RetryPolicy(timeout_s=turn_timeout_s, deadline_s=turn_timeout_s)
+            model = os.environ.get("TAU2_POLICY_MODEL", "default")
+            _POLICIES[key] = build_policy_client(url, api=api, model=model, retry=retry)
         return _POLICIES[key]
 
 
@@ -67,22 +140,27 @@ async def close_clients() -> None:
     await close_user_clients(_USER_CLIENTS)
 
 
-def resolve_task(sample: Any) -> tuple[Any, str]:
+def resolve_task(sample: Any, evaluation: bool = False) -> tuple[Any, str]:
     """The task a sample stands for: metadata (task / task_id + domain), or an `--input-key index` row number."""
+    from rollout.task_store import get_task_store, task_from_metadata
+
     metadata = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
     if metadata.get("task") or metadata.get("task_id"):
         task = task_from_metadata(metadata)
         return task, metadata.get("domain") or os.environ.get("TAU2_DOMAIN", "telecom")
-    prompt = sample.prompt
+    prompt = getattr(sample, "prompt", None)
     if isinstance(prompt, str) and prompt.strip().isdigit():
         prompt = int(prompt)
-    if not isinstance(prompt, int):
+    if not isinstance(prompt, int) or isinstance(prompt, bool):
         raise ValueError(
             "the sample has no task: expected metadata with 'task_id' (prompt data from examples/tau2_mock.py with "
             "--metadata-key metadata) or an integer prompt (--input-key index)"
         )
     domain = os.environ.get("TAU2_DOMAIN", "telecom")
-    split = os.environ.get("TAU2_TASK_SPLIT", "train")
+    if evaluation:
+        split = os.environ.get("TAU2_EVAL_TASK_SPLIT", "test")
+    else:
+        split = os.environ.get("TAU2_TASK_SPLIT", "train")
     tasks = get_task_store().tasks(domain, split)
     if not 0 <= prompt < len(tasks):
         raise ValueError(f"index {prompt} is out of range for {domain}/{split} ({len(tasks)} tasks)")
@@ -90,106 +168,252 @@ def resolve_task(sample: Any) -> tuple[Any, str]:
 
 
 def _status(sample: Any, name: str) -> Any:
-    statuses = type(sample).Status
+    statuses = getattr(type(sample), "Status", None)
+    if statuses is None:
+        return name.lower()
     if name == "FAILED" and not hasattr(statuses, "FAILED"):
-        name = "TRUNCATED"  # older slime has no FAILED; remove_sample keeps it out of the loss
+        name = "TRUNCATED"  # older slime has no FAILED; the zero mask and remove_sample keep it out of the loss
     return getattr(statuses, name)
 
 
 def _end_of_turn_id(tokenizer: Any) -> int:
-    """The token that closes an assistant turn, as the chat template writes it (the same rule the engine uses)."""
+    """The token that closes an assistant turn as the chat template writes it; any valid id for a broken tokenizer."""
     try:
+        from rollout.token_record import ChatRenderer
+
         end_id = ChatRenderer(tokenizer).end_of_turn_id
+        if end_id is not None:
+            return int(end_id)
     except Exception:  # no usable chat template: the failure this sample reports is elsewhere
-        end_id = None
-    return end_id if end_id is not None else int(tokenizer.eos_token_id)
+        pass
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else 0
 
 
-def fill_sample(sample: Any, result: EpisodeResult | None, tokenizer: Any, failure: str | None = None) -> Any:
-    """Write an episode into slime's Sample; a response is never empty and failures are never trained."""
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    try:
+        return str(tokenizer.decode(ids, skip_special_tokens=False))
+    except Exception:  # a tokenizer that cannot decode: the text is only for logs
+        return ""
+
+
+def reset_for_episode(sample: Any) -> None:
+    """Forget a previous attempt (slime's partial rollout hands an aborted sample back): nothing of it survives."""
+    sample.remove_sample = False
+    sample.reward = None
+    sample.tokens = []
+    sample.response = ""
+    sample.response_length = 0
+    sample.loss_mask = None
+    sample.rollout_log_probs = None
+    if hasattr(sample, "weight_versions"):
+        sample.weight_versions = []
+    info = getattr(sample, "prefix_cache_info", None)
+    if info is not None:
+        sample.prefix_cache_info = type(info)()
+    if isinstance(getattr(sample, "metadata", None), dict):
+        sample.metadata = {k: v for k, v in sample.metadata.items() if k not in EPISODE_KEYS}
+    else:
+        sample.metadata = {}
+
+
+def failure_kind(result: Any, failure: str | None) -> str:
+    """Where an infrastructure failure came from, for the rollout log."""
+    text = failure or (result.failure if result is not None else "") or ""
+    if result is None:
+        return "setup"
+    if result.termination_reason == "timeout":
+        if "user simulator produced no turn" in text:
+            return "user_simulator_timeout"
+        return "policy_timeout" if "policy produced no turn" in text else "episode_timeout"
+    if text.startswith("PolicyServerError"):
+        return "policy_server"
+    if text.split(":", 1)[0].endswith(("SimulatorError", "ChatClientError")):
+        return "user_simulator"
+    if text.startswith("evaluation failed"):
+        return "evaluation"
+    return "other"
+
+
+def _trajectory_counts(messages: list[dict[str, Any]]) -> tuple[bool, int]:
+    """(the agent called transfer_to_human_agents, number of tool calls the user simulator made)."""
+    transferred, user_calls = False, 0
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message.get("role") == "assistant":
+            transferred = transferred or any(call.get("name") == TRANSFER_TOOL for call in calls)
+        elif message.get("role") == "user":
+            user_calls += len(calls)
+    return transferred, user_calls
+
+
+def _gold_transfers(task: Any) -> bool | None:
+    criteria = getattr(task, "evaluation_criteria", None)
+    if criteria is None:
+        return None
+    return any(action.name == TRANSFER_TOOL for action in criteria.actions or [])
+
+
+def episode_metadata(result: Any, agent: Any, evaluation: bool, task: Any = None) -> dict[str, Any]:
+    from rollout.task_store import task_subtask
+
+    record = result.record
+    transferred, user_calls = _trajectory_counts(result.messages)
+    return {
+        "task_id": result.task_id,
+        "domain": result.domain,
+        "subtask": task_subtask(result.task_id),
+        "evaluation": evaluation,
+        "episode_status": result.status,
+        "termination_reason": result.termination_reason,
+        "reward_info": result.reward_info,
+        "truncated_checks": result.truncated_checks,
+        "turns": result.turns,
+        "steps": result.steps,
+        "tool_calls": result.tool_calls,
+        "tool_errors": result.tool_errors,
+        "invalid_turns": len(result.invalid_turns),
+        "user_tool_calls": user_calls,
+        "transferred": transferred,
+        "gold_transfer": _gold_transfers(task),
+        "budget_hit": result.termination_reason == "max_tokens",
+        "turn_cap_hits": getattr(agent, "turn_cap_hits", 0),
+        "policy_tokens": record.sampled_tokens if record is not None else 0,
+        "policy_latency_s": result.policy_latency_s,
+        "user_tokens": result.user_prompt_tokens + result.user_completion_tokens,
+        "user_latency_s": result.user_latency_s,
+        "episode_wall_s": result.wall_s,
+    }
+
+
+def fill_sample(
+    sample: Any,
+    result: Any | None,
+    tokenizer: Any,
+    failure: str | None = None,
+    agent: Any = None,
+    evaluation: bool = False,
+    task: Any = None,
+) -> Any:
+    """Write an episode into slime's Sample; a response is never empty and failed or aborted ones train nothing."""
     record = result.record if result is not None else None
-    metadata = dict(sample.metadata) if isinstance(sample.metadata, dict) else {}
+    metadata = dict(sample.metadata) if isinstance(getattr(sample, "metadata", None), dict) else {}
     if record is not None:
         prompt_ids, response = list(record.prompt_ids), list(record.response_ids)
         mask, log_probs = list(record.loss_mask), list(record.log_probs)
     else:
-        prompt_ids, response, mask, log_probs = list(sample.tokens or []), [], [], []
-    failed = result is None or result.status == "failed"
+        prompt_ids, response, mask, log_probs = [], [], [], []
+    aborted = result is not None and result.status == "aborted"
+    failed = not aborted and (result is None or result.status == "failed" or not response)
+    if failed:
+        failure = failure or (result.failure if result is not None else None) or "the policy produced no tokens"
     if not response:
-        # slime must never see a zero-length response: one masked end-of-turn token, nothing trained.
-        response, mask, log_probs = [_end_of_turn_id(tokenizer)], [0], [0.0]
-        failed = True
-        failure = failure or (result.failure if result else None) or "the policy produced no tokens"
+        # slime must never see a zero-length response: one masked end-of-turn token.
+        response, log_probs = [_end_of_turn_id(tokenizer)], [0.0]
+    if failed or aborted:
+        # Nothing of a failed or aborted episode is trained, remove_sample or not; masked tokens carry log-prob 0.
+        mask, log_probs = [0] * len(response), [0.0] * len(response)
+    else:
+        mask = mask or [0] * len(response)
     if not prompt_ids:
         prompt_ids = [_end_of_turn_id(tokenizer)]
     sample.tokens = prompt_ids + response
     sample.response_length = len(response)
     sample.loss_mask = mask
     sample.rollout_log_probs = log_probs
-    sample.response = tokenizer.decode(response, skip_special_tokens=False)
-    if result is not None and result.status == "aborted":
+    sample.response = _decode(tokenizer, response)
+    if aborted:
         sample.status = _status(sample, "ABORTED")
     elif failed:
         sample.status = _status(sample, "FAILED")
-        sample.remove_sample = True
     elif result.status == "truncated":
         sample.status = _status(sample, "TRUNCATED")
     else:
         sample.status = _status(sample, "COMPLETED")
-    sample.reward = 0.0 if failed or result is None or result.reward is None else float(result.reward)
+    sample.remove_sample = failed or aborted
+    valid_reward = not (failed or aborted) and result is not None and result.reward is not None
+    sample.reward = float(result.reward) if valid_reward else 0.0
     if result is not None:
-        metadata.update(
-            {
-                "task_id": result.task_id,
-                "domain": result.domain,
-                "subtask": task_subtask(result.task_id),
-                "episode_status": result.status,
-                "termination_reason": result.termination_reason,
-                "reward_info": result.reward_info,
-                "truncated_checks": result.truncated_checks,
-                "turns": result.turns,
-                "steps": result.steps,
-                "tool_calls": result.tool_calls,
-                "tool_errors": result.tool_errors,
-                "invalid_turns": len(result.invalid_turns),
-                "policy_tokens": record.sampled_tokens if record is not None else 0,
-                "policy_latency_s": result.policy_latency_s,
-                "user_tokens": result.user_prompt_tokens + result.user_completion_tokens,
-                "user_latency_s": result.user_latency_s,
-                "episode_wall_s": result.wall_s,
-            }
-        )
+        metadata.update(episode_metadata(result, agent, evaluation, task))
+        sample.non_generation_time = result.user_latency_s + result.env_s + result.eval_s
         if os.environ.get("TAU2_KEEP_TRAJECTORY", "0") == "1":
             metadata["tau2_messages"] = result.messages
+    else:
+        metadata["evaluation"] = evaluation
+    if agent is not None:
+        info = getattr(sample, "prefix_cache_info", None)
+        if info is not None and hasattr(info, "add"):
+            info.add({"cached_tokens": agent.cached_tokens, "prompt_tokens": agent.request_prompt_tokens})
+        if hasattr(sample, "weight_versions"):
+            sample.weight_versions = list(agent.weight_versions)
     if failed:
-        metadata["failure"] = failure or (result.failure if result is not None else "unknown failure")
+        metadata["failure"] = failure
+        metadata["failure_kind"] = failure_kind(result, failure)
+    elif aborted:
+        metadata["failure"] = (result.failure if result is not None else None) or "aborted by the policy server"
     sample.metadata = metadata
+    return sample
+
+
+def _last_resort(sample: Any, error: BaseException) -> Any:
+    """What is left when even writing the sample failed: slime's required fields, nothing trained."""
+    try:
+        sample.tokens, sample.response, sample.response_length = [0, 0], "", 1
+        sample.loss_mask, sample.rollout_log_probs, sample.reward = [0], [0.0], 0.0
+        sample.remove_sample = True
+        sample.status = _status(sample, "FAILED")
+        if isinstance(getattr(sample, "metadata", None), dict):
+            sample.metadata["failure"] = f"{type(error).__name__}: {error}"
+            sample.metadata["failure_kind"] = "setup"
+    except Exception:  # a sample object that takes no attributes: nothing more can be done
+        logger.exception("tau2 generate could not write its failure into the sample")
     return sample
 
 
 async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False) -> Any:
     """slime entry point: play the sample's tau2 task and return the filled sample (never raises)."""
-    tokenizer = load_tokenizer(args.hf_checkpoint)
+    tokenizer: Any = None
+    agent: Any = None
     try:
-        task, domain = resolve_task(sample)
+        reset_for_episode(sample)
+        tokenizer = load_tokenizer(args.hf_checkpoint)
+        from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
+        from rollout.user_sim import UserSimConfig, build_user
+
+        task, domain = resolve_task(sample, evaluation)
         config = EpisodeConfig.from_env(domain=domain)
+        budget = sampling_params.get("max_new_tokens") or getattr(args, "rollout_max_response_len", None)
+        if evaluation:
+            context = getattr(args, "eval_max_context_len", None) or getattr(args, "rollout_max_context_len", None)
+        else:
+            context = getattr(args, "rollout_max_context_len", None)
         setup = await prepare_episode(task, config)
-        user_config = UserSimConfig.from_env()
-        user = None if config.solo_mode else build_user(user_config, task, setup.user_tools, _USER_CLIENTS)
-        max_context = getattr(args, "rollout_max_context_len", None)
+        user = None
+        if not config.solo_mode:
+            user = build_user(UserSimConfig.from_env(), task, setup.user_tools, _USER_CLIENTS)
         agent = TokenAgent(
-            policy_for(args),
+            policy_for(args, config.turn_deadline_s()),
             tokenizer,
             setup.view,
             sampling_params,
-            max_response_tokens=int(sampling_params.get("max_new_tokens") or args.rollout_max_response_len),
-            max_context_tokens=int(max_context) if max_context else None,
+            max_response_tokens=int(budget) if budget else _default_budget(),
+            max_context_tokens=int(context) if context else None,
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
             max_tokens_per_turn=config.max_tokens_per_turn,
         )
-        result = await run_episode(task, agent, user, config, env=setup.env)
-        if agent.record is None and result.status != "failed":
+        abort_check = None if evaluation else slime_aborted
+        result = await run_episode(task, agent, user, config, env=setup.env, abort_check=abort_check)
+        if agent.record is None and result.status not in ("failed", "aborted"):
             result.status, result.failure = "failed", result.failure or "the episode ended before the policy's turn"
-    except Exception as err:  # bad sample or setup failure: report it on the sample, never crash the batch
-        return fill_sample(sample, None, tokenizer, failure=f"{type(err).__name__}: {err}")
-    return fill_sample(sample, result, tokenizer)
+        return fill_sample(sample, result, tokenizer, agent=agent, evaluation=evaluation, task=task)
+    except Exception as err:  # bad args, sample, tokenizer or setup: report it on the sample, never crash the batch
+        try:
+            return fill_sample(sample, None, tokenizer, failure=f"{type(err).__name__}: {err}", evaluation=evaluation)
+        except Exception as inner:
+            return _last_resort(sample, inner)
+
+
+def _default_budget() -> int:
+    from rollout.budgets import EPISODE_TOKENS
+
+    return EPISODE_TOKENS

@@ -30,12 +30,17 @@ class PolicyOutput(BaseModel):
     abort_message: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    weight_version: str | None = None
     latency_s: float = 0.0
     attempts: int = 1
 
 
 class PolicyServerError(RuntimeError):
     """The policy server could not produce a turn (down, overloaded past all retries, or a bad request)."""
+
+
+class PolicyTimeout(PolicyServerError):
+    """No answer within the request's deadline (RetryPolicy.deadline_s), all attempts included."""
 
 
 class PolicyClient(Protocol):
@@ -48,7 +53,8 @@ class RetryPolicy(BaseModel):
     max_retries: int = Field(default=5, ge=0)
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
-    timeout_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0, description="one attempt")
+    deadline_s: float | None = Field(default=None, gt=0, description="one request: attempts and back-off together")
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff: spreads retries of many episodes hitting one restarted server."""
@@ -82,13 +88,21 @@ class _HttpPolicyClient:
         """POST with retries; returns (json, attempts, latency of the successful attempt)."""
         last_error = "no attempt made"
         request_body = orjson.dumps(payload)
+        deadline = self.retry.deadline_s
+        first = time.perf_counter()
         for attempt in range(self.retry.max_retries + 1):
+            left = self.retry.timeout_s if deadline is None else deadline - (time.perf_counter() - first)
             if attempt:
-                await asyncio.sleep(self.retry.delay(attempt - 1))
+                await asyncio.sleep(min(self.retry.delay(attempt - 1), max(0.0, left)))
+                left = self.retry.timeout_s if deadline is None else deadline - (time.perf_counter() - first)
+            if left <= 0:
+                raise PolicyTimeout(
+                    f"no answer from {self.url} within {deadline:.1f} s ({attempt} attempts): {last_error}"
+                )
             started = time.perf_counter()
             try:
                 session = self._get_session()
-                timeout = aiohttp.ClientTimeout(total=self.retry.timeout_s)
+                timeout = aiohttp.ClientTimeout(total=min(self.retry.timeout_s, left))
                 # orjson: a 10k-token prompt encodes in ~0.1 ms instead of ~2 ms with the json module, every turn.
                 async with session.post(self.url, data=request_body, headers=_JSON_HEADERS, timeout=timeout) as resp:
                     if resp.status == 200:
@@ -101,8 +115,16 @@ class _HttpPolicyClient:
             except orjson.JSONDecodeError as err:
                 last_error = f"invalid JSON from {self.url}: {err}"
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
+                _raise_if_cancelled()  # aiohttp reports an outer cancellation as its own timeout: never retry it
                 last_error = f"{type(err).__name__} talking to {self.url}: {err}"
         raise PolicyServerError(f"gave up after {self.retry.max_retries + 1} attempts: {last_error}")
+
+
+def _raise_if_cancelled() -> None:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
 
 
 class SglangGenerateClient(_HttpPolicyClient):
@@ -131,6 +153,7 @@ class SglangGenerateClient(_HttpPolicyClient):
             abort_message=finish.get("message") if isinstance(finish, dict) else None,
             prompt_tokens=int(meta.get("prompt_tokens") or len(input_ids)),
             cached_tokens=int(meta.get("cached_tokens") or 0),
+            weight_version=str(meta["weight_version"]) if meta.get("weight_version") is not None else None,
             latency_s=latency,
             attempts=attempts,
         )

@@ -14,8 +14,9 @@
 #
 # Knobs (environment variables):
 #   OUT_DIR=runs/cpu_dry_run   VENV=.venv   PYTHON=python3   SKIP_INSTALL=0   PORT=30123   THREADS=(all cores)
-#   NUM_PROMPTS=2   N_SAMPLES=2   MAX_RESPONSE_LEN=192   MAX_TOKENS_PER_TURN=48   MAX_TURNS=4
+#   NUM_PROMPTS=2   N_SAMPLES=2   EPISODE_MAX_TOKENS=192   MAX_TOKENS_PER_TURN=48   MAX_TURNS=4
 #   EVAL_TASKS=2   GOLD_TASKS=4   TEMPERATURE=1.0
+#   TURN_TIMEOUT_S=900 (bound on one turn: a CPU model is far slower than the GPU-server default of rollout/budgets.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,9 +28,10 @@ PORT="${PORT:-30123}"
 THREADS="${THREADS:-$(nproc 2>/dev/null || echo 2)}"
 NUM_PROMPTS="${NUM_PROMPTS:-2}"
 N_SAMPLES="${N_SAMPLES:-2}"
-MAX_RESPONSE_LEN="${MAX_RESPONSE_LEN:-192}"
+EPISODE_MAX_TOKENS="${EPISODE_MAX_TOKENS:-192}"
 MAX_TOKENS_PER_TURN="${MAX_TOKENS_PER_TURN:-48}"
 MAX_TURNS="${MAX_TURNS:-4}"
+TURN_TIMEOUT_S="${TURN_TIMEOUT_S:-900}"
 EVAL_TASKS="${EVAL_TASKS:-2}"
 GOLD_TASKS="${GOLD_TASKS:-4}"
 TEMPERATURE="${TEMPERATURE:-1.0}"
@@ -115,19 +117,19 @@ else
   echo "policy server up on port $PORT (pid $SERVER_PID, log $OUT_DIR/policy_server.log)"
 fi
 
-# The rollout and the evaluator read these, as inside a Ray job.
-export TAU2_POLICY_URL="http://127.0.0.1:$PORT"
+# The rollout and the evaluator read these TAU2_* settings, as inside a Ray job (the server URL goes as a flag).
+POLICY_URL="http://127.0.0.1:$PORT"
 export TAU2_POLICY_VARIANT=compact
 export TAU2_USER_KIND="${TAU2_USER_KIND:-scripted}"
 export TAU2_TASK_SPLIT=train
 # The model's episodes get short turns and few of them (it decodes ~10-20 tokens/s on 2 cores); gold traces do not.
-SHORT_EPISODES=(env TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN" TAU2_MAX_TURNS="$MAX_TURNS")
+SHORT_EPISODES=(env TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN" TAU2_MAX_TURNS="$MAX_TURNS" TAU2_TURN_TIMEOUT_S="$TURN_TIMEOUT_S")
 
 stage rollout "GRPO-shaped batch: $NUM_PROMPTS prompts x $N_SAMPLES samples through rollout.generate_with_tau.generate + reward post-process"
 echo "COMPACT POLICY (dry run only): scores are not comparable with the full telecom policy"
 run "${SHORT_EPISODES[@]}" "$PY" examples/cpu_rollout_batch.py --prompt-data "$DATA_DIR/telecom_train_tasks.jsonl" \
-  --hf-checkpoint "$MODEL_DIR" --policy-url "$TAU2_POLICY_URL" --num-prompts "$NUM_PROMPTS" \
-  --n-samples-per-prompt "$N_SAMPLES" --max-response-len "$MAX_RESPONSE_LEN" --temperature "$TEMPERATURE" \
+  --hf-checkpoint "$MODEL_DIR" --policy-url "$POLICY_URL" --num-prompts "$NUM_PROMPTS" \
+  --n-samples-per-prompt "$N_SAMPLES" --max-response-len "$EPISODE_MAX_TOKENS" --temperature "$TEMPERATURE" \
   --output "$OUT_DIR/rollout_batch.jsonl"
 
 stage sft "gold SFT traces for $GOLD_TASKS train tasks, verified by tau2, then slime's qwen3 loss-mask check"
@@ -136,9 +138,9 @@ run "$PY" examples/generate_sft_traces.py --source gold --domain telecom --split
 run "$PY" examples/check_sft_data.py "$OUT_DIR/sft_gold.jsonl" --tokenizer "$MODEL_DIR"
 
 stage eval "eval/evaluate_tau2.py on $EVAL_TASKS telecom test tasks against the same server"
-run "${SHORT_EPISODES[@]}" "$PY" eval/evaluate_tau2.py --checkpoint "$MODEL_DIR" --sglang-url "$TAU2_POLICY_URL" \
+run "${SHORT_EPISODES[@]}" "$PY" eval/evaluate_tau2.py --checkpoint "$MODEL_DIR" --sglang-url "$POLICY_URL" \
   --output-path "$OUT_DIR/eval/results.json" --domain telecom --task-split test --num-tasks "$EVAL_TASKS" \
-  --user-kind "$TAU2_USER_KIND" --policy-variant compact --max-response-tokens "$MAX_RESPONSE_LEN" \
+  --user-kind "$TAU2_USER_KIND" --policy-variant compact --max-response-tokens "$EPISODE_MAX_TOKENS" \
   --temperature 0 --no-progress
 
 STAGE="finished"

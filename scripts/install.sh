@@ -16,7 +16,7 @@ TAU2_VERSION="${TAU2_VERSION:-26.3}"
 SMOLLM2_VERSION="${SMOLLM2_VERSION:-0.1.2}"
 TORCH_CPU_SPEC="${TORCH_CPU_SPEC:-torch==2.13.0}"
 TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-}"
-PROTECTED_PACKAGES="${PROTECTED_PACKAGES:-torch sglang sgl-kernel openai grpcio vllm flashinfer-python transformer-engine megatron-core ray}"
+PROTECTED_PACKAGES="${PROTECTED_PACKAGES:-torch sglang sgl-kernel openai grpcio vllm flashinfer-python transformer-engine megatron-core ray transformers tokenizers fastapi starlette uvicorn pydantic pydantic-core numpy}"
 PIP_FLAGS="${PIP_FLAGS:---disable-pip-version-check --no-input}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

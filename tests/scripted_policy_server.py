@@ -41,6 +41,7 @@ class ScriptedPolicyServer:
     responder: Responder
     end_of_turn_id: int = 2
     decode_prompt: bool = True  # False: the responder gets "" (saves the server's CPU in load tests)
+    weight_version: str | None = None  # sglang's meta_info["weight_version"], when the test wants one
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +103,8 @@ class ScriptedPolicyServer:
             "cached_tokens": 0,
             "finish_reason": finish,
         }
+        if self.weight_version is not None:
+            meta["weight_version"] = self.weight_version
         if body.get("return_logprob"):
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, ids)]
         return web.json_response({"text": text, "output_ids": ids, "meta_info": meta})
@@ -131,6 +134,9 @@ class ScriptedPolicyServer:
         usage = {"prompt_tokens": len(input_ids), "completion_tokens": len(ids)}
         return web.json_response({"id": "cmpl", "object": "text_completion", "choices": [choice], "usage": usage})
 
+    def add_routes(self, app: web.Application) -> None:
+        """More endpoints of the same server (a subclass adds sglang's router / admin routes)."""
+
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> str:
         ready = threading.Event()
@@ -142,6 +148,7 @@ class ScriptedPolicyServer:
             app.router.add_get("/health", self._health)
             app.router.add_post("/generate", self._generate)
             app.router.add_post("/v1/completions", self._completions)
+            self.add_routes(app)
             # handler_cancellation: a client that goes away (timeout, kill) ends its request here too, as in sglang.
             runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
             loop.run_until_complete(runner.setup())

@@ -225,6 +225,7 @@ def cluster_inputs(tmp_path: Path) -> dict[str, str]:
     data = tmp_path / "data"
     data.mkdir()
     (data / "telecom_train_tasks.jsonl").write_text('{"index": 0, "metadata": {}}\n')
+    (data / "telecom_test_tasks.jsonl").write_text('{"index": 0, "metadata": {}}\n')
     (data / "sft.jsonl").write_text('{"messages": [], "tools": [], "metadata": {}}\n')
     return {
         "SLIME_DIR": str(slime),
@@ -233,6 +234,7 @@ def cluster_inputs(tmp_path: Path) -> dict[str, str]:
         "REF_LOAD": str(make_megatron_dir(tmp_path / "ref")),
         "SAVE_DIR": str(tmp_path / "save"),
         "PROMPT_DATA": str(data / "telecom_train_tasks.jsonl"),
+        "EVAL_PROMPT_DATA": str(data / "telecom_test_tasks.jsonl"),
         "SFT_DATA": str(data / "sft.jsonl"),
     }
 
@@ -394,8 +396,13 @@ def test_grpo_command(tmp_path: Path) -> None:
         "--rollout-batch-size": "16",
         "--n-samples-per-prompt": "4",
         "--global-batch-size": "64",
-        "--rollout-max-response-len": "4096",
-        "--rollout-max-context-len": "32768",
+        "--rollout-max-response-len": "12288",
+        "--rollout-max-context-len": "20480",
+        "--eval-max-response-len": "12288",
+        "--eval-max-context-len": "20480",
+        "--eval-interval": "10",
+        "--custom-rollout-log-function-path": "rollout.rollout_log.log_rollout",
+        "--custom-eval-rollout-log-function-path": "rollout.rollout_log.log_eval_rollout",
         "--rollout-temperature": "0.7",
         "--lr": "1e-6",
         "--lr-decay-style": "constant",
@@ -564,6 +571,8 @@ def test_plugin_paths_import_with_slime_signatures(tmp_path: Path) -> None:
     paths = {
         "generate": flag_value(args, "--custom-generate-function-path"),
         "reward": flag_value(args, "--custom-reward-post-process-path"),
+        "rollout_log": flag_value(args, "--custom-rollout-log-function-path"),
+        "eval_log": flag_value(args, "--custom-eval-rollout-log-function-path"),
     }
     for path in paths.values():
         module_file = ROOT / (path.rsplit(".", 1)[0].replace(".", "/") + ".py")
@@ -599,8 +608,54 @@ def test_plugin_paths_import_with_slime_signatures(tmp_path: Path) -> None:
     assert found["generate"]["coroutine"] is True
     assert found["reward"]["params"][:2] == ["args", "samples"]
     assert found["reward"]["coroutine"] is False
+    assert found["rollout_log"]["params"] == ["rollout_id", "args", "samples", "rollout_extra_metrics", "rollout_time"]
+    assert found["eval_log"]["params"] == ["rollout_id", "args", "data", "extra_metrics"]
     for info in found.values():
         assert Path(info["file"]).resolve().is_relative_to(ROOT)
+
+
+def test_grpo_budgets_are_the_rollouts_defaults(tmp_path: Path) -> None:
+    """One set of budgets: the launcher's defaults are rollout/budgets.py's, for training and in-training eval."""
+    from rollout import budgets
+
+    submit = submit_command(dry_run("run_grpo.sh", base_env(tmp_path)))
+    _, args = train_args(submit)
+    assert int(flag_value(args, "--rollout-max-response-len")) == budgets.EPISODE_TOKENS
+    assert int(flag_value(args, "--eval-max-response-len")) == budgets.EPISODE_TOKENS
+    assert int(flag_value(args, "--rollout-max-context-len")) == budgets.CONTEXT_TOKENS
+    assert int(flag_value(args, "--eval-max-context-len")) == budgets.CONTEXT_TOKENS
+    assert budgets.CONTEXT_TOKENS <= int(flag_value(args, "--max-tokens-per-gpu"))  # a sample fits a micro-batch
+    env_vars = runtime_env(submit)["env_vars"]
+    assert env_vars["TAU2_MAX_TOKENS_PER_TURN"] == str(budgets.TURN_TOKENS)  # a count, never masked as a secret
+    assert "TAU2_TURN_TIMEOUT_S" not in env_vars and "TAU2_EPISODE_TIMEOUT_S" not in env_vars  # derived in the job
+
+
+def test_grpo_rejects_the_old_per_turn_knob(tmp_path: Path) -> None:
+    result = run_script("run_grpo.sh", base_env(tmp_path, MAX_RESPONSE_LEN="4096"), "--dry-run")
+    assert result.returncode != 0
+    assert "EPISODE_MAX_TOKENS" in result.stderr and "MAX_TOKENS_PER_TURN" in result.stderr
+
+
+def test_grpo_eval_sampling_and_deadline_knobs(tmp_path: Path) -> None:
+    env = base_env(tmp_path, EVAL_INTERVAL="0", DYNAMIC_SAMPLING="1", TURN_TIMEOUT_S="90", MAX_TOKENS_PER_TURN="0")
+    submit = submit_command(dry_run("run_grpo.sh", env))
+    _, args = train_args(submit)
+    assert "--eval-prompt-data" not in args and "--eval-interval" not in args
+    path = "reward.dynamic_filter.shaped_reward_nonzero_std_with_fallback"
+    assert flag_value(args, "--dynamic-sampling-filter-path") == path
+    assert flag_value(args, "--over-sampling-batch-size") == "24"  # 16 tasks * 3 / 2
+    env_vars = runtime_env(submit)["env_vars"]
+    assert env_vars["TAU2_TURN_TIMEOUT_S"] == "90" and env_vars["TAU2_MAX_TOKENS_PER_TURN"] == "0"
+    result = run_script("run_grpo.sh", base_env(tmp_path, EPISODE_MAX_TOKENS="30000"), "--dry-run")
+    assert "must be below MAX_CONTEXT_LEN" in result.stderr
+    result = run_script("run_grpo.sh", base_env(tmp_path, TURN_TIMEOUT_S="soon"), "--dry-run")
+    assert result.returncode != 0 and "TURN_TIMEOUT_S must be a number" in result.stderr
+
+
+def test_grpo_says_a_stray_policy_url_is_ignored(tmp_path: Path) -> None:
+    result = run_script("run_grpo.sh", base_env(tmp_path, TAU2_POLICY_URL="http://10.0.0.9:30000"), "--dry-run")
+    assert result.returncode == 0
+    assert "TAU2_POLICY_URL=http://10.0.0.9:30000 is set but the rollout ignores it" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 #
 # Conventions: dry-run commands go to stdout, one per line, shell-quoted so they can be pasted; everything else
 # (notes, warnings, errors, the `+ command` trace of a real run) goes to stderr. Values of environment variables whose
-# name contains KEY, TOKEN, SECRET or PASSWORD are printed as *** wherever a command is shown.
+# name contains KEY, TOKEN, SECRET or PASSWORD are printed as *** wherever a command is shown ("TOKENS" is a count,
+# as in TAU2_MAX_TOKENS_PER_TURN or MAX_TOKENS_PER_GPU, and masks nothing).
 
 RECIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SCRIPT_PATH="${BASH_SOURCE[1]:-$0}"
@@ -63,7 +64,9 @@ parse_common_args() {
 is_dry_run() { [[ "$DRY_RUN" == 1 ]]; }
 
 is_secret_name() {
-  [[ "${1^^}" =~ $SECRET_NAME_PATTERN ]]
+  local name="${1^^}"
+  name="${name//TOKENS/}"
+  [[ "$name" =~ $SECRET_NAME_PATTERN ]]
 }
 
 # Values of the secret variables in the environment, NUL-separated, longest first (a value that contains another
@@ -335,7 +338,10 @@ for name in names:
         env_vars[name] = value
 if mode == "masked":
     secret = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
-    env_vars = {name: "***" if secret.search(name) and value else value for name, value in env_vars.items()}
+    env_vars = {
+        name: "***" if secret.search(name.upper().replace("TOKENS", "")) and value else value
+        for name, value in env_vars.items()
+    }
 print(json.dumps({"env_vars": env_vars}, sort_keys=True))
 PY
 }
