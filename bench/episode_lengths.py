@@ -24,18 +24,12 @@ import argparse
 import asyncio
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "examples"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from rollout.engine import EpisodeConfig, TokenAgent, build_environment, run_episode, setup_episode  # noqa: E402
-from rollout.policy_client import PolicyOutput  # noqa: E402
-from rollout.scripted import (  # noqa: E402
+from rollout.engine import EpisodeConfig, TokenAgent, build_environment, run_episode, setup_episode
+from rollout.policy_client import PolicyOutput
+from rollout.scripted import (
     CLOSING_MESSAGE,
     TRANSFER_MESSAGE,
     TRANSFER_TOOL,
@@ -45,8 +39,8 @@ from rollout.scripted import (  # noqa: E402
     gold_agent_turns,
     user_action_instruction,
 )
-from rollout.task_store import get_task_store  # noqa: E402
-from rollout.tool_format import format_assistant_turn  # noqa: E402
+from rollout.task_store import get_task_store
+from rollout.tool_format import format_assistant_turn
 
 PHONE = re.compile(r"\b\d{3}-\d{3}-\d{4}\b")
 EXPLANATION = (
@@ -196,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every episode's numbers here")
     args = parser.parse_args(argv)
 
-    from qwen3_tokenizer import load_qwen3_tokenizer
+    from examples.qwen3_tokenizer import load_qwen3_tokenizer
 
     tokenizer = load_qwen3_tokenizer()
     tasks = []

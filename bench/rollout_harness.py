@@ -45,12 +45,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from bench.doubles import DoublesHandle, start_doubles, user_calls_per_episode
 
-from bench.doubles import DoublesHandle, start_doubles, user_calls_per_episode  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 USER_MODEL = "user-sim"
 KEEP_HEADING = "## Findings and fixes"  # from this heading on, the output file is hand-written and kept
@@ -1077,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.model_validate({**settings.model_dump(), **json.loads(args.settings)})
     started = time.monotonic()
     load_before = load_line()
-    from prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
 
     tokenizer_dir = prepare_cpu_model()
     with start_doubles(tokenizer_dir) as doubles:

@@ -37,11 +37,6 @@ split or task id, missing checkpoint, unreachable server, results from another c
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import asyncio
 import contextlib
@@ -51,10 +46,12 @@ import json
 import os
 import shlex
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError

@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from rollout.sft_format import (
     RowCheck,
     RowChecker,

@@ -31,8 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pydantic import BaseModel, Field
 
 from rollout.sft_format import (
@@ -149,8 +147,7 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
     store = get_task_store()
     if args.train_set == "full":
         # The same exclusion as the RL prompt data: telecom's full set minus every test task, verified.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from tau2_mock import build_rows
+        from examples.tau2_mock import build_rows
 
         tasks = [store.get(args.domain, row["metadata"]["task_id"]) for row in build_rows(args.domain, "train", "full")]
     else:

@@ -20,8 +20,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from rollout.task_store import (
     DOMAIN_SPLITS,
     DOMAINS,

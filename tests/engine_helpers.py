@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from rollout.tool_format import format_assistant_turn
 
-from rollout.tool_format import format_assistant_turn  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @lru_cache(maxsize=1)
 def real_tokenizer() -> Any:
     """SmolLM2-135M-Instruct's tokenizer with the recipe's Qwen-style tool template (converted once, cached)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
 
     return load_tokenizer(prepare_cpu_model())
 

@@ -9,7 +9,6 @@ import socket
 import sys
 
 import pytest
-from fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
 
 from rollout import chat_client
 from rollout.chat_client import (
@@ -25,6 +24,7 @@ from rollout.chat_client import (
     parse_arguments,
     parse_retry_after,
 )
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
 
 SECRET = "sk-test-9f8e7d6c5b4a3f2e1d0c"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]

@@ -16,12 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import prepare_cpu_model as prepare_cpu_model_module
 import pytest
-from conftest import http_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prepare_cpu_model import (
+
+from examples import prepare_cpu_model as prepare_cpu_model_module
+from examples.prepare_cpu_model import (
     MARKER_NAME,
     TEMPLATE_PATH,
     chat_template_text,
@@ -29,6 +29,7 @@ from prepare_cpu_model import (
     prepare_cpu_model,
     read_marker,
 )
+from tests.conftest import http_json
 
 IM_START, IM_END = 1, 2
 

@@ -9,13 +9,13 @@ import asyncio
 import json
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, script_responder
-from scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.token_record import verify_record
 from rollout.tool_format import format_tool_call
+from tests.engine_helpers import gold_script_texts, opening_of, script_responder
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
 FAST_RETRY = RetryPolicy(max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)
 

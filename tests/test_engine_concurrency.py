@@ -12,15 +12,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from engine_helpers import real_tokenizer
-from fake_openai_server import FakeOpenAIServer, RequestGate, text_reply
-from scripted_policy_server import Fault, ScriptedPolicyServer
-
 from rollout.chat_client import OpenAIChatClient
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode, user_tools_of
 from rollout.policy_client import build_policy_client
 from rollout.task_store import get_task_store
 from rollout.user_sim import LLMUser
+from tests.engine_helpers import real_tokenizer
+from tests.fake_openai_server import FakeOpenAIServer, RequestGate, text_reply
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
 
 TURNS = 3
 EPISODES = 64

@@ -12,14 +12,14 @@ import asyncio
 from typing import Any
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
-from scripted_policy_server import ScriptedPolicyServer
 
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import build_policy_client
 from rollout.scripted import ScriptedUser, run_tau2_orchestrator, solo_supported
 from rollout.task_store import get_task_store
 from rollout.token_record import verify_record
+from tests.engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
+from tests.scripted_policy_server import ScriptedPolicyServer
 
 
 class SwitchableResponder:

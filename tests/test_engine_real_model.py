@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import opening_of
-from slime_standins import Sample, slime_args, slime_sampling_params
 
+from examples.slime_standin import Sample, slime_args, slime_sampling_params
 from rollout import generate_with_tau
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import build_policy_client
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
 from rollout.token_record import verify_record
+from tests.engine_helpers import opening_of
 
 pytestmark = pytest.mark.slow
 

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
-from engine_helpers import agent_turn_index, gold_script_texts
-from scripted_policy_server import Fault, ScriptedPolicyServer
-from tau2_gold import assertions_met_after
 
 from eval import serving
 from eval.evaluate_tau2 import main
 from rollout.scripted import gold_agent_turns, opening_message
 from rollout.task_store import get_task_store
 from rollout.tool_format import format_assistant_turn
+from tests.conftest import free_port
+from tests.engine_helpers import agent_turn_index, gold_script_texts
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
+from tests.tau2_gold import assertions_met_after
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_tau2.py"

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from engine_helpers import ROOT, gold_script_texts, script_responder
-from scripted_policy_server import Fault, ScriptedPolicyServer
-from slime_standins import OldSample, Sample, slime_args, slime_sampling_params
 
+from examples.slime_standin import OldSample, Sample, slime_args, slime_sampling_params
 from rollout import generate_with_tau
 from rollout.task_store import get_task_store
+from tests.engine_helpers import gold_script_texts, script_responder
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,8 @@ def scripted_env(monkeypatch):
 
 
 def _rows():
-    import sys
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    from tau2_mock import build_rows
+    from examples.tau2_mock import build_rows
 
     return build_rows("telecom", "train", "train")
 

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import ROOT, agent_turn_index, gold_script_texts, opening_of
-from scripted_policy_server import ScriptedPolicyServer
-from slime_stubs import slime_runtime
-from slime_vendor import slime_src
 
+from examples import qwen3_tokenizer
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl
 from rollout.token_record import ChatRenderer, ChatTemplateError, verify_record
-
-sys.path.insert(0, str(ROOT / "examples"))
-import qwen3_tokenizer
+from tests.engine_helpers import agent_turn_index, gold_script_texts, opening_of
+from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.slime_stubs import slime_runtime
+from tests.slime_vendor import slime_src
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=30.0)
 
@@ -133,8 +130,7 @@ def test_episode_row_passes_the_checker_and_matches_slimes_qwen3_mask(qwen3, gol
 
 
 def test_gold_sft_rows_check_clean_and_match_slimes_mask(qwen3, qwen3_dir, tmp_path, monkeypatch):
-    import check_sft_data
-    import generate_sft_traces
+    from examples import check_sft_data, generate_sft_traces
 
     for var in ("TAU2_USER_KIND", "TAU2_USER_MODEL", "TAU2_USER_BASE_URL", "HF_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)

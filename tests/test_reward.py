@@ -8,10 +8,8 @@ slime's field names and status enum.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,10 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import slime_standins
-
+from examples import slime_standin as slime_standins
 from reward.partial_credit import (
     PartialWeights,
     checks_ignoring_termination,

@@ -8,8 +8,8 @@ import logging
 import math
 
 import pytest
-from slime_standins import OldSample, Sample
 
+from examples.slime_standin import OldSample, Sample
 from reward import dynamic_filter
 from reward.tau2_reward_shaping import ShapingConfig, shape_reward
 from rollout import rollout_log

@@ -9,17 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import ROOT, agent_turn_index, gold_script_texts
-from fake_openai_server import FakeOpenAIServer, FakeReply
-from scripted_policy_server import ScriptedPolicyServer
-from tau2_gold import assertions_met_after
 
+from examples import check_sft_data, generate_sft_traces
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.scripted import TRANSFER_MESSAGE, ScriptedUser, gold_agent_turns, opening_message, solo_supported
@@ -37,10 +33,10 @@ from rollout.sft_format import (
 )
 from rollout.task_store import get_task_store
 from rollout.tool_format import format_assistant_turn
-
-sys.path.insert(0, str(ROOT / "examples"))
-import check_sft_data
-import generate_sft_traces
+from tests.engine_helpers import agent_turn_index, gold_script_texts
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply
+from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.tau2_gold import assertions_met_after
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=10.0)
 

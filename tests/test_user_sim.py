@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, text_reply, tool_call_reply
 
 from rollout.chat_client import OpenAIChatClient, clean_messages
 from rollout.scripted import ScriptedUser
@@ -24,6 +23,7 @@ from rollout.user_sim import (
     close_user_clients,
     get_user_client,
 )
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, text_reply, tool_call_reply
 
 registry = import_tau2()
 

@@ -290,7 +290,7 @@ def test_failing_user_simulator_ends_one_episode_not_the_batch(
 ) -> None:
     """One episode's LLM user simulator answers the greeting, then fails (HTTP 500, no retries): that episode ends
     failed with reward 0; the two gold episodes beside it in the batch score 1."""
-    from fake_openai_server import FakeOpenAIServer, FakeReply, text_reply
+    from tests.fake_openai_server import FakeOpenAIServer, FakeReply, text_reply
 
     RecordingTau2Env.made.clear()
     gold_a, broken, gold_b = test_tasks[1], test_tasks[2], test_tasks[3]
