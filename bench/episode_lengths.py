@@ -27,8 +27,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rollout.clients.policy import PolicyOutput
 from rollout.engine import EpisodeConfig, TokenAgent, build_environment, run_episode, setup_episode
-from rollout.policy_client import PolicyOutput
 from rollout.scripted import (
     CLOSING_MESSAGE,
     TRANSFER_MESSAGE,

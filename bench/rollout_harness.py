@@ -247,8 +247,8 @@ class Ours:
     """The recipe's way, as the evaluator plays it: shared policy and user clients, TokenAgent + LLMUser per episode."""
 
     def __init__(self, bench: Bench, turns: int) -> None:
+        from rollout.clients.policy import build_policy_client
         from rollout.engine import EpisodeConfig
-        from rollout.policy_client import build_policy_client
         from rollout.user_sim import UserSimConfig, get_user_client
 
         self.bench = bench
@@ -498,7 +498,7 @@ async def gym_episode(
 
 
 async def gym_wave(bench: Bench, concurrency: int, episodes: int, turns: int, window_s: float | None) -> dict[str, Any]:
-    from rollout.policy_client import build_policy_client
+    from rollout.clients.policy import build_policy_client
 
     policy = build_policy_client(bench.doubles.policy_url, api="sglang")
     calls = GymCalls()

@@ -673,8 +673,8 @@ async def play_episodes(
     """Play the pending (task, trial) pairs, `--concurrency` at a time; each record is on disk when it finishes."""
     from tqdm import tqdm
 
+    from rollout.clients.policy import RetryPolicy, build_policy_client
     from rollout.engine import TokenAgent, prepare_episode, run_episode
-    from rollout.policy_client import RetryPolicy, build_policy_client
     from rollout.user_sim import build_user, close_user_clients
 
     retry = RetryPolicy(max_retries=args.policy_max_retries, timeout_s=float(args.policy_timeout_s))

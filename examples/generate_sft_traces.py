@@ -264,7 +264,7 @@ class Generator:
         return config
 
     def _teacher_client(self) -> Any:
-        from rollout.chat_client import build_chat_client
+        from rollout.clients.chat import build_chat_client
 
         args = self.args
         key_env = args.teacher_api_key_env or DEFAULT_KEY_ENV[args.teacher_kind]
@@ -310,7 +310,7 @@ class Generator:
                 params["max_tokens"] = args.teacher_max_tokens
             return ChatAgent(self.teacher, view, params)
         if self.policy is None:
-            from rollout.policy_client import build_policy_client
+            from rollout.clients.policy import build_policy_client
 
             self.policy = build_policy_client(args.policy_url, api=args.policy_api, model=args.policy_model)
         budget = args.max_response_tokens or args.max_tokens_per_row

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from rollout import budgets
-from rollout.policy_client import PolicyClient, PolicyServerError, PolicyTimeout
+from rollout.clients.policy import PolicyClient, PolicyServerError, PolicyTimeout
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text

@@ -41,7 +41,7 @@ import sys
 import threading
 from typing import Any
 
-from rollout.policy_client import PolicyClient, RetryPolicy, build_policy_client
+from rollout.clients.policy import PolicyClient, RetryPolicy, build_policy_client
 
 logger = logging.getLogger(__name__)
 

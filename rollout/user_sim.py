@@ -3,7 +3,7 @@
 `LLMUser` is tau2's `UserSimulator` with only the LLM call replaced: the same system prompt (guidelines + scenario),
 the same state and role flip (`UserState.flip_roles`), the same message conversion (`to_litellm_messages`), the
 user's tools as OpenAI schemas with `tool_choice="auto"`, and the reply's tool calls flipped to `requestor="user"`.
-The request goes through `rollout.chat_client` (aiohttp / google-genai) instead of litellm, so hundreds of episodes
+The request goes through `rollout.clients.chat` (aiohttp / google-genai) instead of litellm, so hundreds of episodes
 can share one asyncio loop.
 
 Configuration comes from the environment (`UserSimConfig.from_env`):
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from rollout.chat_client import ChatClient, ChatClientError, build_chat_client
+from rollout.clients.chat import ChatClient, ChatClientError, build_chat_client
 from rollout.tau2_setup import import_tau2
 from rollout.tool_schemas import tool_schemas
 

@@ -1,4 +1,4 @@
-"""rollout.chat_client against a local server speaking the OpenAI (and Gemini) wire format."""
+"""rollout.clients.chat against a local server speaking the OpenAI (and Gemini) wire format."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from rollout import chat_client
-from rollout.chat_client import (
+from rollout.clients import chat as chat_client
+from rollout.clients.chat import (
     ChatClientError,
     GeminiChatClient,
     OpenAIChatClient,
@@ -266,7 +266,7 @@ def test_api_key_never_in_errors_or_logs(server, caplog):
     assert info.value.status == 401
     assert "Incorrect API key provided" in str(info.value)
     assert SECRET not in str(info.value)
-    retry_logs = [r.getMessage() for r in caplog.records if r.name == "rollout.chat_client"]
+    retry_logs = [r.getMessage() for r in caplog.records if r.name == "rollout.clients.chat"]
     assert len(retry_logs) == 2 and all("Incorrect API key" in m for m in retry_logs)
     assert all(SECRET not in m for m in retry_logs)
     assert SECRET not in repr(client)

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
+from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.token_record import verify_record
 from rollout.tool_format import format_tool_call
 from tests.engine_helpers import gold_script_texts, opening_of, script_responder

@@ -12,9 +12,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from rollout.chat_client import OpenAIChatClient
+from rollout.clients.chat import OpenAIChatClient
+from rollout.clients.policy import build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode, user_tools_of
-from rollout.policy_client import build_policy_client
 from rollout.task_store import get_task_store
 from rollout.user_sim import LLMUser
 from tests.engine_helpers import real_tokenizer

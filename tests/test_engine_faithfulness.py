@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from rollout.clients.policy import build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import build_policy_client
 from rollout.scripted import ScriptedUser, run_tau2_orchestrator, solo_supported
 from rollout.task_store import get_task_store
 from rollout.token_record import verify_record

@@ -10,8 +10,8 @@ import pytest
 
 from examples.slime_standin import Sample, slime_args, slime_sampling_params
 from rollout import generate_with_tau
+from rollout.clients.policy import build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import build_policy_client
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
 from rollout.token_record import verify_record

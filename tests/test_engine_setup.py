@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from rollout import engine
+from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode, task_view
-from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.token_record import ChatRenderer, verify_record
 from tests.engine_helpers import gold_script_texts, opening_of, script_responder
 from tests.scripted_policy_server import ScriptedPolicyServer

@@ -92,7 +92,7 @@ def test_generate_resolves_index_prompt(tok, model_dir, scripted_env, monkeypatc
 @pytest.fixture
 def fast_retry(monkeypatch):
     """Policy clients built by generate() retry once, quickly (the turn's bound still sets each attempt's timeout)."""
-    from rollout.policy_client import RetryPolicy
+    from rollout.clients.policy import RetryPolicy
 
     monkeypatch.setattr(
         generate_with_tau,

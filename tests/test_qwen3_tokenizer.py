@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from examples import qwen3_tokenizer
+from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl
 from rollout.token_record import ChatRenderer, ChatTemplateError, verify_record

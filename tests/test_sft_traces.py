@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from examples import check_sft_data, generate_sft_traces
+from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
 from rollout.scripted import TRANSFER_MESSAGE, ScriptedUser, gold_agent_turns, opening_message, solo_supported
 from rollout.sft_format import (
     GREETING,

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from rollout.chat_client import OpenAIChatClient, clean_messages
+from rollout.clients.chat import OpenAIChatClient, clean_messages
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
 from rollout.tau2_setup import import_tau2

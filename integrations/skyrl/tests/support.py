@@ -155,7 +155,7 @@ def scripted_client(
 def policy_server_client(tokenizer: Any, url: str, model: str) -> Any:
     """An InferenceEngineInterface over a real inference server's token-in-token-out `/v1/completions` (vLLM's wire,
     served here by scripts/cpu_policy_server.py): the sampled ids verbatim, with their log-probs."""
-    from rollout.policy_client import build_policy_client
+    from rollout.clients.policy import build_policy_client
 
     class PolicyServerInferenceClient(_Unused, _interface()):
         def __init__(self) -> None:
