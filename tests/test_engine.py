@@ -12,9 +12,8 @@ import pytest
 
 from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.token_record import verify_record
 from rollout.tool_format import format_tool_call
-from tests.engine_helpers import gold_script_texts, opening_of, script_responder
+from tests.engine_helpers import gold_script_texts, opening_of, script_responder, verify_record
 from tests.scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
 FAST_RETRY = RetryPolicy(max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)

@@ -15,11 +15,11 @@ import pytest
 
 from rollout.clients.policy import build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.scripted import ScriptedUser, run_tau2_orchestrator, solo_supported
+from rollout.scripted import ScriptedUser, solo_supported
 from rollout.task_store import get_task_store
-from rollout.token_record import verify_record
-from tests.engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
+from tests.engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder, verify_record
 from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.tau2_reference import run_tau2_orchestrator
 
 
 class SwitchableResponder:

@@ -14,8 +14,7 @@ from rollout.clients.policy import build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
-from rollout.token_record import verify_record
-from tests.engine_helpers import opening_of
+from tests.engine_helpers import opening_of, verify_record
 
 pytestmark = pytest.mark.slow
 

@@ -512,8 +512,8 @@ def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_
 def _tau2_run_results(tasks: list[Any], save_to: Path) -> Path:
     """A Results JSON written by tau2's own run machinery (`tau2.run.run_tasks`, what `tau2 run` calls): the
     shotgun policy as a registered tau2 agent and the scripted customer as a registered tau2 user; no LLM."""
-    from rollout.scripted import Tau2ScriptedAgent, Tau2ScriptedUser
     from rollout.tau2_setup import import_tau2, quiet_tau2_logging
+    from tests.tau2_reference import Tau2ScriptedAgent, Tau2ScriptedUser
 
     registry = import_tau2()
     from tau2.agent.llm_agent import LLMAgent

@@ -19,8 +19,8 @@ from rollout.clients.policy import RetryPolicy, build_policy_client
 from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl
-from rollout.token_record import ChatRenderer, ChatTemplateError, verify_record
-from tests.engine_helpers import agent_turn_index, gold_script_texts, opening_of
+from rollout.token_record import ChatRenderer, ChatTemplateError
+from tests.engine_helpers import agent_turn_index, gold_script_texts, opening_of, verify_record
 from tests.scripted_policy_server import ScriptedPolicyServer
 from tests.slime_stubs import slime_runtime
 from tests.slime_vendor import slime_src
