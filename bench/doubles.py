@@ -170,9 +170,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (with the tool chat template)")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
+    from rollout.token_record import load_tokenizer
 
-    doubles = Doubles(AutoTokenizer.from_pretrained(args.tokenizer))
+    doubles = Doubles(load_tokenizer(args.tokenizer))
     # With hundreds of requests in flight, garbage collections paused this process and every reply due meanwhile came
     # late (99th percentile 140 ms late at C = 256, 12 ms with this): a cost of the doubles, charged to the harness.
     gc.freeze()

@@ -242,6 +242,9 @@ class TimedChat:
         finally:
             self.calls.append(("user", started, time.monotonic()))
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
 
 class Ours:
     """The recipe's way, as the evaluator plays it: shared policy and user clients, TokenAgent + LLMUser per episode."""
@@ -255,23 +258,24 @@ class Ours:
         self.calls: list[tuple[str, float, float]] = []
         self.policy = TimedPolicy(build_policy_client(bench.doubles.policy_url, api="sglang"), self.calls)
         self.user_config = UserSimConfig(kind="llm", model=USER_MODEL, base_url=bench.doubles.user_base_url)
+        # The cache build_user takes LLM users' chat clients from, holding the timed one.
         self.clients: dict[Any, Any] = {}
-        self.chat = TimedChat(get_user_client(self.user_config, self.clients), self.calls)
+        self.clients[self.user_config.client_key()] = TimedChat(get_user_client(self.user_config, {}), self.calls)
         self.config = EpisodeConfig(domain="telecom", max_turns=turns + 2)  # the user ends it after `turns`
 
     async def play(self, task: Any) -> Played:
-        from rollout.engine import TokenAgent, prepare_episode, run_episode
-        from rollout.user_sim import LLMUser
+        from rollout.engine import TokenAgent
+        from rollout.episode import Episode
 
         started = time.monotonic()
         task = task.model_copy(deep=True)  # the store's tasks are shared (as the evaluator does)
-        setup = await prepare_episode(task, self.config)
-        # What build_user makes for an LLM user, with the shared client timed.
-        user = LLMUser(task, setup.user_tools, self.chat, temperature=self.user_config.temperature)
-        params = {"temperature": 1.0}
-        agent = TokenAgent(self.policy, self.bench.tokenizer, setup.view, params, max_response_tokens=8192)
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(self.policy, self.bench.tokenizer, view, {"temperature": 1.0}, max_response_tokens=8192)
+
+        episode = await Episode.start(task, self.config, make_agent, self.user_config, self.clients)
         setup_s = time.monotonic() - started
-        result = await run_episode(task, agent, user, self.config, env=setup.env)
+        result = await episode.play()
         return Played(started=started, ended=time.monotonic(), setup_s=setup_s, result=result)
 
     async def aclose(self) -> None:
@@ -1074,7 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.model_validate({**settings.model_dump(), **json.loads(args.settings)})
     started = time.monotonic()
     load_before = load_line()
-    from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import prepare_cpu_model
+    from rollout.token_record import load_tokenizer
 
     tokenizer_dir = prepare_cpu_model()
     with start_doubles(tokenizer_dir) as doubles:

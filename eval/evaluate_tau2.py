@@ -69,6 +69,7 @@ from eval.serving import (
     split_server_args,
 )
 from rollout.budgets import EPISODE_TOKENS
+from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "evaluate_tau2.py"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -540,20 +541,6 @@ def tokenizer_source(args: argparse.Namespace, checkpoint: str | None, server_in
     raise UsageError("no tokenizer: give --tokenizer (or --checkpoint) for the served model")
 
 
-def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as err:
-        raise UsageError(
-            f"cannot load a tokenizer from '{source}': {type(err).__name__}: {err}".splitlines()[0]
-        ) from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"the tokenizer in '{source}' has no chat template; the policy needs one that takes tools=")
-    return tokenizer
-
-
 @contextlib.contextmanager
 def serve_policy(args: argparse.Namespace, checkpoint: str | None, server_log: Path) -> Iterator[RunningServer]:
     if args.sglang_url:
@@ -616,19 +603,6 @@ class RunState:
         return f"pass@1 {rate:.1%} ({self.successes}/{self.done}), failed {self.failed}"
 
 
-def failed_result(task: Any, config: Any, error: BaseException) -> Any:
-    from rollout.engine import EpisodeResult
-
-    return EpisodeResult(
-        task_id=task.id,
-        domain=config.domain,
-        solo_mode=config.solo_mode,
-        status="failed",
-        termination_reason="infra_error",
-        failure=f"episode setup failed: {type(error).__name__}: {error}",
-    )
-
-
 def make_record(
     task: Any, trial: int, result: Any, hash_value: str, hashed: dict[str, Any], seed: int | None
 ) -> dict[str, Any]:
@@ -674,8 +648,9 @@ async def play_episodes(
     from tqdm import tqdm
 
     from rollout.clients.policy import RetryPolicy, build_policy_client
-    from rollout.engine import TokenAgent, prepare_episode, run_episode
-    from rollout.user_sim import build_user, close_user_clients
+    from rollout.engine import TokenAgent
+    from rollout.episode import play_episode
+    from rollout.user_sim import close_user_clients
 
     retry = RetryPolicy(max_retries=args.policy_max_retries, timeout_s=float(args.policy_timeout_s))
     policy = build_policy_client(url, api=args.policy_api, model=served_name, retry=retry)
@@ -691,28 +666,20 @@ async def play_episodes(
         sampling: dict[str, Any] = {"temperature": args.temperature, "top_p": args.top_p}
         if seed is not None:
             sampling["sampling_seed" if args.policy_api == "sglang" else "seed"] = seed
-        user = None
-        try:
-            setup = await prepare_episode(task, config)
-            if not config.solo_mode:
-                user = build_user(user_config, task, setup.user_tools, clients)
-            agent = TokenAgent(
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(
                 policy,
                 tokenizer,
-                setup.view,
+                view,
                 sampling,
                 max_response_tokens=args.max_response_tokens,
                 max_context_tokens=max_context_tokens,
                 max_tool_calls_per_turn=config.max_tool_calls_per_turn,
                 max_tokens_per_turn=config.max_tokens_per_turn,
             )
-        except Exception as err:  # a task the engine cannot set up is an infrastructure failure, not a bad policy
-            return failed_result(task, config, err), seed
-        try:
-            return await run_episode(task, agent, user, config, env=setup.env), seed
-        finally:
-            if user is not None:
-                await user.aclose()
+
+        return await play_episode(task, config, make_agent, user_config, clients), seed
 
     async def one(task: Any, trial: int) -> None:
         async with semaphore:
@@ -1061,7 +1028,10 @@ def run(args: argparse.Namespace) -> int:
         run_info: dict[str, Any] = {"server": None, "max_context_tokens_effective": args.max_context_tokens}
         if pending:
             check_checkpoint(tokenizer_path, "--tokenizer")
-            tokenizer = load_tokenizer(tokenizer_path)
+            try:
+                tokenizer = load_tokenizer(tokenizer_path)
+            except TokenizerError as err:
+                raise UsageError(str(err)) from None
             with serve_policy(args, checkpoint, paths["server_log"]) as server:
                 served = served_model_info(server.url)
                 max_context = args.max_context_tokens or served.get("max_model_len")

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from reward.tau2_reward_shaping import is_success
 from rollout.sft_format import (
     SOURCES,
     RowCheck,
@@ -50,6 +51,7 @@ from rollout.sft_format import (
     write_jsonl_atomic,
 )
 from rollout.task_store import DOMAIN_SPLITS, DOMAINS, get_task_store, task_subtask
+from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "generate_sft_traces.py"
 DEFAULT_N = {"gold": 1, "teacher": 1, "rft": 4}
@@ -207,7 +209,7 @@ class AttemptRecord(BaseModel):
 
     @property
     def success(self) -> bool:
-        return self.reward is not None and abs(self.reward - 1.0) <= 1e-6
+        return is_success(self.reward)
 
 
 class Generator:
@@ -217,7 +219,12 @@ class Generator:
         self.args = args
         self.tokenizer = tokenizer
         self.checker = RowChecker(tokenizer, args.max_tokens_per_row) if tokenizer is not None else None
-        self.user_config = self._user_config() if args.source != "gold" and not args.solo else None
+        from rollout.user_sim import UserSimConfig
+
+        # gold: the scripted customer, who performs each gold device action the agent asks for; solo: no user.
+        self.user_config = None if args.solo else UserSimConfig(kind="scripted")
+        if args.source != "gold" and not args.solo:
+            self.user_config = self._user_config()
         self.user_clients: dict[Any, Any] = {}
         self.teacher = None
         self.policy = None
@@ -295,13 +302,13 @@ class Generator:
 
     # ---------------------------------------------------------------------------------------------- one attempt
     def _agent(self, task: Any, view: Any, config: Any) -> Any:
-        from rollout.engine import ChatAgent, ScriptedAgent, TokenAgent
+        from rollout.engine import ChatAgent, TokenAgent
 
         args = self.args
         if args.source == "gold":
-            from rollout.scripted import gold_agent_turns
+            from rollout.scripted import ScriptedPolicyAgent
 
-            return ScriptedAgent(gold_agent_turns(task, args.solo))
+            return ScriptedPolicyAgent("gold", task, solo_mode=args.solo)
         if args.source == "teacher":
             if self.teacher is None:
                 self.teacher = self._teacher_client()
@@ -324,20 +331,9 @@ class Generator:
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
         )
 
-    def _user(self, task: Any, user_tools: list[Any] | None) -> Any:
-        if self.args.solo:
-            return None
-        if self.args.source == "gold":
-            from rollout.scripted import ScriptedUser
-
-            return ScriptedUser(task)  # performs each gold device action the agent asks for
-        from rollout.user_sim import build_user
-
-        return build_user(self.user_config, task, user_tools, self.user_clients)
-
     async def play(self, task: Any, attempt: int) -> AttemptRecord:
         from reward.partial_credit import compute_partial_score
-        from rollout.engine import prepare_episode, run_episode
+        from rollout.episode import Episode
 
         args = self.args
         config = self.episode_config()
@@ -345,13 +341,13 @@ class Generator:
             source=args.source, task_id=task.id, attempt=attempt, solo_mode=args.solo, status="failed"
         )
         try:
-            setup = await prepare_episode(task, config)
-            user = self._user(task, setup.user_tools)
-            agent = self._agent(task, setup.view, config)
+            episode = await Episode.start(
+                task, config, lambda view: self._agent(task, view, config), self.user_config, self.user_clients
+            )
         except Exception as err:  # a setup failure is this attempt's, not the run's
             record.failure = f"setup: {type(err).__name__}: {err}"
             return record
-        result = await run_episode(task, agent, user, config, env=setup.env)
+        result = await episode.play()
         checks = result.reward_info if result.status == "completed" else result.truncated_checks
         partial, components = compute_partial_score(checks)
         record = record.model_copy(
@@ -389,12 +385,12 @@ class Generator:
             teacher_model=self.agent_label(),
             attempt=attempt,
             termination_reason=result.termination_reason,
-            user_kind=None if args.solo else ("scripted" if args.source == "gold" else self.user_config.kind),
+            user_kind=None if args.solo else self.user_config.kind,
             kept_as="success" if record.success else "partial",
             policy_variant=config.policy_variant,
         )
         try:
-            row = row_from_episode(setup.view, result, metadata)
+            row = row_from_episode(episode.view, result, metadata)
         except RowError as err:
             record.drop_reason = str(err)
             return record
@@ -518,19 +514,6 @@ def attempt_table(records: list[AttemptRecord], tasks: int, price_in: float | No
     return "\n".join(lines)
 
 
-def load_tokenizer(path: str | None) -> Any:
-    if not path:
-        print(
-            "WARNING: no --tokenizer (or HF_CHECKPOINT): rows are checked for shape only, not rendered with the "
-            "model's chat template, and --max-tokens-per-row is not enforced",
-            file=sys.stderr,
-        )
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = select_tasks(args)
@@ -541,7 +524,18 @@ def main(argv: list[str] | None = None) -> int:
         if len(playable) < len(tasks):
             print(f"solo mode: {len(tasks) - len(playable)} tasks have no ticket and are skipped", file=sys.stderr)
         tasks = playable
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
+        except TokenizerError as err:
+            raise SystemExit(f"{PROG}: error: {err}") from None
+    else:
+        print(
+            "WARNING: no --tokenizer (or HF_CHECKPOINT): rows are checked for shape only, not rendered with the "
+            "model's chat template, and --max-tokens-per-row is not enforced",
+            file=sys.stderr,
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for path in (args.output, args.attempts_file):
         repair_torn_tail(path)

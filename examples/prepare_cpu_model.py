@@ -23,10 +23,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_PATH = Path(__file__).resolve().parent / "chat_templates" / "qwen_tools_chatml.jinja"
@@ -173,13 +169,6 @@ def prepare_cpu_model(out_dir: Path | None = None, force: bool = False) -> Path:
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)
         return out_dir
-
-
-def load_tokenizer(model_dir: Path | str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a prepared folder (with the tool chat template); loads in well under a second."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,9 +133,9 @@ def prepare_qwen3_tokenizer(out: Path | None = None) -> Path:
 
 
 def load_qwen3_tokenizer(out: Path | None = None) -> Any:
-    from transformers import AutoTokenizer
+    from rollout.token_record import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(prepare_qwen3_tokenizer(out)))
+    tokenizer = load_tokenizer(prepare_qwen3_tokenizer(out))
     for token, expected in SPECIAL_IDS.items():
         actual = tokenizer.convert_tokens_to_ids(token)
         if actual != expected:

@@ -1,10 +1,12 @@
 """The tau2 episode engine: one async loop that plays a task the way tau2's Orchestrator does.
 
-GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py) and SFT trace generation
-(examples/generate_sft_traces.py) all call `run_episode`; only the agent differs:
+GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py), SFT trace generation
+(examples/generate_sft_traces.py), the benchmark and SkyRL all play episodes through rollout.episode, which calls
+`run_episode`; only the agent differs:
 - `TokenAgent`: the policy under training, token-in-token-out against sglang /generate or /v1/completions;
 - `ChatAgent`: a teacher model behind an OpenAI-compatible chat endpoint (or Gemini);
-- `ScriptedAgent`: the task's gold actions, no LLM.
+- `rollout.scripted.ScriptedPolicyAgent`: the task's gold actions or a shortcut policy, no LLM.
+The user is an `EpisodeUser` (rollout.user_sim's LLM user, rollout.scripted's scripted customer), None in solo mode.
 
 Semantics follow tau2/orchestrator/orchestrator.py: the fixed greeting, one step per routed message, max_steps and
 max_errors checked when the next recipient is not the environment, tool errors counted, user stop tokens, the agent
@@ -28,11 +30,12 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
+from reward.tau2_reward_shaping import is_success
 from rollout import budgets
 from rollout.clients.policy import PolicyClient, PolicyServerError, PolicyTimeout
 from rollout.tau2_setup import import_tau2
@@ -67,8 +70,6 @@ from tau2.utils.utils import get_now  # noqa: E402
 
 T = TypeVar("T")
 Status = Literal["completed", "truncated", "aborted", "failed"]
-# Our termination reasons: tau2's, plus the token budget / turn cap of training and infrastructure outcomes.
-EXTRA_TERMINATIONS = ("max_tokens", "max_turns", "aborted", "infra_error", "timeout")
 SOLO_STOP_TOOL = LLMSoloAgent.STOP_FUNCTION_NAME
 SOLO_STOP_TOKEN = LLMSoloAgent.STOP_TOKEN
 
@@ -221,7 +222,6 @@ class TaskView(BaseModel):
 
     system_prompt: str
     tools: list[dict[str, Any]]
-    tool_names: list[str]
     opening: list[dict[str, Any]]  # messages before the agent's first turn (the greeting in dual mode)
 
 
@@ -323,12 +323,6 @@ def user_tools_of(env: Environment) -> list[Any] | None:
         return _USER_TOOLS_CACHE[key]
 
 
-async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
-    """Fresh environment and the agent's view of the task."""
-    env = await run_cpu(build_environment, config.domain, task, config.solo_mode)
-    return env, task_view(task, env, config)
-
-
 @dataclass
 class EpisodeSetup:
     """What `prepare_episode` gives: the agent's view, the user's tools, and (first episode of a domain) an env."""
@@ -339,15 +333,15 @@ class EpisodeSetup:
 
 
 async def prepare_episode(task: Task, config: EpisodeConfig) -> EpisodeSetup:
-    """As `setup_episode`, but without building the environment when the domain's view is known.
+    """The agent's view of the task and the user's tools; an environment only when the domain's view is not known.
 
     Nothing touches the environment before the first step ends (the first LLM reply), so run_episode builds it
     then: a batch's first requests go out at once instead of after a burst of environment builds."""
     shared = _VIEW_CACHE.get((config.domain, config.solo_mode, config.policy_variant))
     user_key = (config.domain, config.solo_mode)
     if shared is None or user_key not in _USER_TOOLS_CACHE:
-        env, view = await setup_episode(task, config)
-        return EpisodeSetup(view=view, user_tools=user_tools_of(env), env=env)
+        env = await run_cpu(build_environment, config.domain, task, config.solo_mode)
+        return EpisodeSetup(view=task_view(task, env, config), user_tools=user_tools_of(env), env=env)
     return EpisodeSetup(view=_task_view(task, shared, config), user_tools=_USER_TOOLS_CACHE[user_key], env=None)
 
 
@@ -409,8 +403,7 @@ def _task_view(task: Task, shared: _DomainView, config: EpisodeConfig) -> TaskVi
     else:
         system = shared.dual_system_prompt or ""
         opening = [{"role": "assistant", "content": DEFAULT_FIRST_AGENT_MESSAGE.content}]
-    names = [tool["function"]["name"] for tool in tools]
-    return TaskView(system_prompt=system, tools=tools, tool_names=names, opening=opening)
+    return TaskView(system_prompt=system, tools=tools, opening=opening)
 
 
 def assistant_to_openai(message: AssistantMessage) -> dict[str, Any]:
@@ -455,14 +448,44 @@ class EpisodeAgent(Protocol):
         ...
 
 
+IncomingMessage = AssistantMessage | ToolMessage | MultiToolMessage
+
+
+class UserReply(BaseModel):
+    message: UserMessage
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class EpisodeUser(Protocol):
+    """What the engine routes to the user, as tau2's Orchestrator does: the agent's text (AssistantMessage), or the
+    results of the user's own tool calls (ToolMessage / MultiToolMessage). Users hold nothing to release: LLM users
+    share their chat client (rollout.user_sim.close_user_clients closes it)."""
+
+    async def respond(self, incoming: IncomingMessage) -> UserReply: ...
+
+
 def _message_from_calls(
-    content: str | None, calls: list[tuple[str, dict[str, Any]]], turn_index: int, raw: dict | None = None
+    content: str | None, calls: list[tuple[str, dict[str, Any]]], turn_index: int
 ) -> AssistantMessage:
     tool_calls = [
         ToolCall(id=f"call_{turn_index}_{k}", name=name, arguments=arguments, requestor="assistant")
         for k, (name, arguments) in enumerate(calls)
     ]
-    return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None, raw_data=raw)
+    return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None)
+
+
+def parse_turn(turn: AgentTurn, turn_index: int, max_tool_calls: int | None = None) -> AgentTurn:
+    """Fill a sampled turn's message from its text (rollout.tool_format), or the error the policy is shown."""
+    parsed = parse_assistant_text(turn.raw_text, None, max_tool_calls)
+    if parsed.error:
+        turn.error = parsed.error
+    else:
+        calls = [(call.name, call.arguments) for call in parsed.tool_calls]
+        turn.message = _message_from_calls(parsed.content, calls, turn_index)
+    return turn
 
 
 _VOCAB_SIZES: dict[int, int] = {}
@@ -587,13 +610,7 @@ class TokenAgent:
         if not closed and len(out.token_ids) >= left:  # the episode's token budget ran out mid-turn: it ends here
             turn.finish_reason = "budget"
             return turn
-        parsed = parse_assistant_text(text, None, self.max_tool_calls_per_turn)
-        if parsed.error:
-            turn.error = parsed.error
-            return turn
-        calls = [(call.name, call.arguments) for call in parsed.tool_calls]
-        turn.message = _message_from_calls(parsed.content, calls, turn_index)
-        return turn
+        return parse_turn(turn, turn_index, self.max_tool_calls_per_turn)
 
 
 class ChatAgent:
@@ -630,22 +647,6 @@ class ChatAgent:
         turn.message = _message_from_calls(reply.content, calls, turn_index)
         self.messages.append(assistant_to_openai(turn.message))
         return turn
-
-
-class ScriptedAgent:
-    """Plays a fixed list of turns (rollout.scripted.gold_agent_turns); no LLM."""
-
-    def __init__(self, turns: list[Any]) -> None:
-        self.turns = list(turns)
-
-    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
-        if turn_index >= len(self.turns):
-            return AgentTurn(finish_reason="budget")
-        step = self.turns[turn_index]
-        calls = [(call["name"], call.get("arguments") or {}) for call in step.tool_calls]
-        message = _message_from_calls(step.content, calls, turn_index)
-        raw = format_assistant_turn(step.content, step.tool_calls)
-        return AgentTurn(message=message, raw_text=raw)
 
 
 # ----------------------------------------------------------------------------------------------------- the episode
@@ -689,7 +690,19 @@ class EpisodeResult(BaseModel):
 
     @property
     def success(self) -> bool:
-        return self.reward is not None and abs(self.reward - 1.0) <= 1e-6
+        return is_success(self.reward)
+
+    @classmethod
+    def setup_failed(cls, task: Task, config: EpisodeConfig, error: BaseException) -> EpisodeResult:
+        """An episode the engine could not set up: an infrastructure failure, not a bad policy."""
+        return cls(
+            task_id=task.id,
+            domain=config.domain,
+            solo_mode=config.solo_mode,
+            status="failed",
+            termination_reason="infra_error",
+            failure=f"episode setup failed: {type(error).__name__}: {error}",
+        )
 
     def summary(self) -> dict[str, Any]:
         """Everything but the token record: what the evaluator and trace files store."""

@@ -41,12 +41,13 @@ import sys
 import threading
 from typing import Any
 
+from rollout.budgets import EPISODE_TOKENS
 from rollout.clients.policy import PolicyClient, RetryPolicy, build_policy_client
+from rollout.token_record import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-_TOKENIZERS: dict[str, Any] = {}
 _POLICIES: dict[tuple[str, str, int, float], PolicyClient] = {}
 _USER_CLIENTS: dict[Any, Any] = {}
 _LOGGED: set[tuple[str, str]] = set()
@@ -60,16 +61,6 @@ EPISODE_KEYS = (
     "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",
     "partial_components", "shaped_reward", "advantage", "reward_valid",
 )  # fmt: skip
-
-
-def load_tokenizer(path: str) -> Any:
-    """One tokenizer per checkpoint path per process."""
-    with _LOCK:
-        if path not in _TOKENIZERS:
-            from transformers import AutoTokenizer
-
-            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        return _TOKENIZERS[path]
 
 
 def slime_aborted() -> bool:
@@ -377,8 +368,8 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
     try:
         reset_for_episode(sample)
         tokenizer = load_tokenizer(args.hf_checkpoint)
-        from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
-        from rollout.user_sim import UserSimConfig, build_user
+        from rollout.engine import EpisodeConfig, TokenAgent
+        from rollout.episode import Episode
 
         task, domain = resolve_task(sample, evaluation)
         config = EpisodeConfig.from_env(domain=domain)
@@ -387,22 +378,23 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
             context = getattr(args, "eval_max_context_len", None) or getattr(args, "rollout_max_context_len", None)
         else:
             context = getattr(args, "rollout_max_context_len", None)
-        setup = await prepare_episode(task, config)
-        user = None
-        if not config.solo_mode:
-            user = build_user(UserSimConfig.from_env(), task, setup.user_tools, _USER_CLIENTS)
-        agent = TokenAgent(
-            policy_for(args, config.turn_deadline_s()),
-            tokenizer,
-            setup.view,
-            sampling_params,
-            max_response_tokens=int(budget) if budget else _default_budget(),
-            max_context_tokens=int(context) if context else None,
-            max_tool_calls_per_turn=config.max_tool_calls_per_turn,
-            max_tokens_per_turn=config.max_tokens_per_turn,
-        )
-        abort_check = None if evaluation else slime_aborted
-        result = await run_episode(task, agent, user, config, env=setup.env, abort_check=abort_check)
+        policy = policy_for(args, config.turn_deadline_s())
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(
+                policy,
+                tokenizer,
+                view,
+                sampling_params,
+                max_response_tokens=int(budget) if budget else EPISODE_TOKENS,
+                max_context_tokens=int(context) if context else None,
+                max_tool_calls_per_turn=config.max_tool_calls_per_turn,
+                max_tokens_per_turn=config.max_tokens_per_turn,
+            )
+
+        episode = await Episode.start(task, config, make_agent, user_clients=_USER_CLIENTS)
+        agent = episode.agent
+        result = await episode.play(abort_check=None if evaluation else slime_aborted)
         if agent.record is None and result.status not in ("failed", "aborted"):
             result.status, result.failure = "failed", result.failure or "the episode ended before the policy's turn"
         return fill_sample(sample, result, tokenizer, agent=agent, evaluation=evaluation, task=task)
@@ -411,9 +403,3 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
             return fill_sample(sample, None, tokenizer, failure=f"{type(err).__name__}: {err}", evaluation=evaluation)
         except Exception as inner:
             return _last_resort(sample, inner)
-
-
-def _default_budget() -> int:
-    from rollout.budgets import EPISODE_TOKENS
-
-    return EPISODE_TOKENS

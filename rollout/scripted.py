@@ -37,10 +37,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rollout.engine import AgentTurn
+from rollout.engine import AgentTurn, IncomingMessage, UserReply
 from rollout.tau2_setup import import_tau2
 from rollout.tool_format import format_assistant_turn
-from rollout.user_sim import IncomingMessage, UserReply
 
 import_tau2()
 
@@ -231,12 +230,14 @@ def policies_for_domain(domain: str, names: tuple[str, ...] | None = None) -> li
 
 class ScriptedPolicyAgent:
     """A scripted policy as an engine agent (EpisodeAgent): no LLM; the plan is made on the first turn from the
-    user's first message (only `gold` reads the task)."""
+    user's first message (only `gold` reads the task). Solo mode has no user: it plays gold only."""
 
-    def __init__(self, policy: str, task: Task) -> None:
+    def __init__(self, policy: str, task: Task, solo_mode: bool = False) -> None:
         self.policy = scripted_policy(policy)
         self.task = task
-        self.turns: list[ScriptedTurn] | None = None
+        if solo_mode and policy != "gold":
+            raise ValueError(f"solo mode plays the gold policy only, not '{policy}'")
+        self.turns: list[ScriptedTurn] | None = gold_agent_turns(task, solo_mode=True) if solo_mode else None
 
     async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
         if self.turns is None:
@@ -396,9 +397,6 @@ class ScriptedUser:
 
     async def respond(self, incoming: IncomingMessage) -> UserReply:
         return UserReply(message=self.logic.respond(incoming), latency_s=0.0, prompt_tokens=0, completion_tokens=0)
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
 
 def solo_supported(task: Task) -> bool:

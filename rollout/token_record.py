@@ -8,6 +8,8 @@ fixed anchor conversation and the anchor's rendering is cut off, so the cost gro
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +28,34 @@ _ANCHOR = (
 
 class ChatTemplateError(ValueError):
     """The chat template does not render conversations incrementally (a continuation changes earlier text)."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that does not load, or has no chat template to render the policy's prompts with."""
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def load_tokenizer(source: str | os.PathLike[str], name: str = "") -> Any:
+    """The tokenizer of a Hugging Face folder, one per folder per process. TokenizerError, one line naming the folder
+    as the caller's user knows it (`name`, e.g. "--tokenizer"), when it does not load or has no chat template."""
+    key = str(source)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            from transformers import AutoTokenizer
+
+            where = f"{name} '{key}'" if name else f"'{key}'"
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(key, trust_remote_code=True)
+            except Exception as err:  # transformers raises OSError, ValueError or hub errors for a bad folder
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise TokenizerError(f"cannot load a tokenizer from {where}: {reason}") from None
+            if not getattr(tokenizer, "chat_template", None):
+                raise TokenizerError(f"the tokenizer in {where} has no chat template; give the model's folder")
+            _TOKENIZERS[key] = tokenizer
+        return _TOKENIZERS[key]
 
 
 class ChatRenderer:

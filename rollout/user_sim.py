@@ -30,11 +30,13 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from rollout.clients.chat import ChatClient, ChatClientError, build_chat_client
+from rollout.engine import EpisodeUser, IncomingMessage, UserReply
+from rollout.scripted import ScriptedUser
 from rollout.tau2_setup import import_tau2
 from rollout.tool_schemas import tool_schemas
 
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
 
 UserKind = Literal["llm", "gemini", "scripted", "solo"]
 USER_KINDS: tuple[str, ...] = ("llm", "gemini", "scripted", "solo")
-IncomingMessage = AssistantMessage | ToolMessage | MultiToolMessage
 
 
 class UserSimulatorError(RuntimeError):
@@ -156,23 +157,6 @@ def _env_number(get: Any, name: str, kind: type, minimum: float, strict: bool = 
     return value
 
 
-class UserReply(BaseModel):
-    message: UserMessage
-    latency_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@runtime_checkable
-class EpisodeUser(Protocol):
-    """What the engine routes to the user, as tau2's Orchestrator does: the agent's text (AssistantMessage), or the
-    results of the user's own tool calls (ToolMessage / MultiToolMessage)."""
-
-    async def respond(self, incoming: IncomingMessage) -> UserReply: ...
-
-    async def aclose(self) -> None: ...
-
-
 class LLMUser:
     """tau2's UserSimulator with the LLM call made through an async chat client. One instance per episode; the
     client is shared. An unusable reply (empty, or tool-call arguments that are not a JSON object) is asked again
@@ -243,9 +227,6 @@ class LLMUser:
             completion_tokens=completion.completion_tokens,
         )
 
-    async def aclose(self) -> None:
-        """Nothing to release per episode: the chat client is shared (see close_user_clients)."""
-
 
 _CLIENTS: dict[Any, ChatClient] = {}
 
@@ -284,8 +265,6 @@ def build_user(
     if config.kind == "solo":
         return None
     if config.kind == "scripted":
-        from rollout.scripted import ScriptedUser  # imported here: scripted imports this module
-
         return ScriptedUser(task)
     client = get_user_client(config, client_cache)
     return LLMUser(task, user_tools, client, temperature=config.temperature, llm_args=config.extra_args)

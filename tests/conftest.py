@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
+from examples.prepare_cpu_model import prepare_cpu_model
+from rollout.token_record import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @lru_cache(maxsize=1)
 def real_tokenizer() -> Any:
     """SmolLM2-135M-Instruct's tokenizer with the recipe's Qwen-style tool template (converted once, cached)."""
-    from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import prepare_cpu_model
+    from rollout.token_record import load_tokenizer
 
     return load_tokenizer(prepare_cpu_model())
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rollout.engine import IncomingMessage
 from rollout.scripted import (
     ScriptedTurn,
     ScriptedUserLogic,
@@ -15,7 +16,6 @@ from rollout.scripted import (
     turn_to_message,
 )
 from rollout.tau2_setup import import_tau2
-from rollout.user_sim import IncomingMessage
 
 import_tau2()
 

@@ -25,10 +25,10 @@ from examples.prepare_cpu_model import (
     MARKER_NAME,
     TEMPLATE_PATH,
     chat_template_text,
-    load_tokenizer,
     prepare_cpu_model,
     read_marker,
 )
+from rollout.token_record import load_tokenizer
 from tests.conftest import http_json
 
 IM_START, IM_END = 1, 2

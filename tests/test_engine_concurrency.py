@@ -14,7 +14,7 @@ from typing import Any
 
 from rollout.clients.chat import OpenAIChatClient
 from rollout.clients.policy import build_policy_client
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode, user_tools_of
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.task_store import get_task_store
 from rollout.user_sim import LLMUser
 from tests.engine_helpers import real_tokenizer
@@ -44,8 +44,9 @@ async def _episodes(tok: Any, policy_url: str, user_url: str, count: int) -> lis
 
     async def one(i: int):
         task = tasks[i % len(tasks)]
-        env, view = await setup_episode(task, config)
-        user = LLMUser(task, user_tools_of(env), client)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
+        user = LLMUser(task, setup.user_tools, client)
         agent = TokenAgent(policy, tok, view, {"temperature": 1.0}, max_response_tokens=8192)
         return await run_episode(task, agent, user, config, env=env)
 

@@ -384,13 +384,13 @@ def test_budget_from_sampling_params(tok, model_dir, scripted_env):
 
 
 def test_a_hung_user_simulator_is_bounded_by_the_turn_deadline(tok, model_dir, scripted_env, monkeypatch):
-    import rollout.user_sim
+    import rollout.episode
 
     class HungCustomer:
         async def respond(self, incoming):
             await asyncio.sleep(3600)
 
-    monkeypatch.setattr(rollout.user_sim, "build_user", lambda config, task, tools, clients: HungCustomer())
+    monkeypatch.setattr(rollout.episode, "build_user", lambda config, task, tools, clients: HungCustomer())
     monkeypatch.setenv("TAU2_TURN_TIMEOUT_S", "0.3")
     with ScriptedPolicyServer(tok, lambda p, q: "Hello") as url:
         out = _generate(slime_args(model_dir, _port(url)), Sample(prompt=0, metadata=dict(_rows()[0]["metadata"])), {})

@@ -16,7 +16,7 @@ import pytest
 
 from examples import qwen3_tokenizer
 from rollout.clients.policy import RetryPolicy, build_policy_client
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl
 from rollout.token_record import ChatRenderer, ChatTemplateError
@@ -55,7 +55,8 @@ def gold_episode(qwen3, train_tasks):
 
     async def play():
         config = EpisodeConfig()
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, api="sglang", retry=FAST_RETRY)
         agent = TokenAgent(policy, qwen3, view, {"temperature": 1.0}, max_response_tokens=16384)
         try:

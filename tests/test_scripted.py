@@ -260,7 +260,6 @@ def test_scripted_user_is_an_async_episode_user(tasks):
     async def talk():
         first = await user.respond(agent_says("Hi! How can I help you today?"))
         second = await user.respond(agent_says("Please toggle airplane mode on your phone (toggle_airplane_mode)."))
-        await user.aclose()
         return first, second
 
     first, second = asyncio.run(talk())

@@ -17,7 +17,7 @@ import pytest
 
 from examples import check_sft_data, generate_sft_traces
 from rollout.clients.policy import RetryPolicy, build_policy_client
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import TRANSFER_MESSAGE, ScriptedUser, gold_agent_turns, opening_message, solo_supported
 from rollout.sft_format import (
     GREETING,
@@ -192,7 +192,8 @@ def test_row_renders_exactly_what_the_rollout_engine_builds(train_tasks, smollm2
 
     async def play():
         config = EpisodeConfig(solo_mode=solo)
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, api="sglang", retry=FAST_RETRY)
         agent = TokenAgent(policy, tok, view, {"temperature": 1.0}, max_response_tokens=8192)
         user = None if solo else ScriptedUser(task)

@@ -280,7 +280,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
     from slime.utils.http_utils import init_http_client
     from slime.utils.types import Sample
 
-    import rollout.user_sim
+    import rollout.episode
 
     openings = list(_rows_by_opening().values())
     rows = list(zip("ABCD", openings[:4]))
@@ -312,7 +312,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
         monkeypatch.delenv(var, raising=False)
 
     scenario = Scenario(rows, generate_with_tau.slime_aborted)
-    monkeypatch.setattr(rollout.user_sim, "build_user", scenario.build_user)
+    monkeypatch.setattr(rollout.episode, "build_user", scenario.build_user)
     server = SglangDouble(tok, scenario.respond)
     with server as url:
         args.sglang_router_ip, args.sglang_router_port = "127.0.0.1", int(url.rsplit(":", 1)[1])
@@ -395,7 +395,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
             opening_message(get_task_store().get("telecom", r["metadata"]["task_id"])): r for r in eval_rows
         }
         assert len(eval_scripts) >= 1
-        monkeypatch.setattr(rollout.user_sim, "build_user", lambda c, task, tools, clients: ScriptedUser(task))
+        monkeypatch.setattr(rollout.episode, "build_user", lambda c, task, tools, clients: ScriptedUser(task))
         scenario.by_opening = {}
         scenario.scripts = {}
         for row in eval_rows:

@@ -11,11 +11,11 @@ import asyncio
 import pytest
 
 from rollout.clients.chat import OpenAIChatClient, clean_messages
+from rollout.engine import EpisodeUser
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
 from rollout.tau2_setup import import_tau2
 from rollout.user_sim import (
-    EpisodeUser,
     LLMUser,
     UserSimConfig,
     UserSimulatorError,
@@ -83,7 +83,6 @@ def play_llm_user(task, tools, client, incoming_factory):
                 replies.append(reply)
                 incoming = incoming_factory(reply)
         finally:
-            await user.aclose()
             await client.aclose()
         return user, replies
 
@@ -231,14 +230,14 @@ def test_tool_call_with_broken_json_every_time_fails_clearly(server, task, env):
 def _play_episode_with_llm_user(task, server_url, **client_options):
     """One episode whose user is the LLM user at server_url; the agent plays the gold script (never reached when
     the user's first reply fails)."""
-    from rollout.engine import EpisodeConfig, ScriptedAgent, run_episode
-    from rollout.scripted import gold_agent_turns
+    from rollout.engine import EpisodeConfig, run_episode
+    from rollout.scripted import ScriptedPolicyAgent
 
     async def main():
         client = OpenAIChatClient(server_url, "fake-model", backoff_base_s=0.001, **client_options)
         try:
             user = LLMUser(task, None, client)
-            agent = ScriptedAgent(gold_agent_turns(task, solo_mode=False))
+            agent = ScriptedPolicyAgent("gold", task)
             return await run_episode(task, agent, user, EpisodeConfig())
         finally:
             await client.aclose()

@@ -12,7 +12,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tok() -> Any:
-    from examples.prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import prepare_cpu_model
+    from rollout.token_record import load_tokenizer
 
     return load_tokenizer(prepare_cpu_model())
 
