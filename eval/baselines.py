@@ -38,22 +38,16 @@ def shortcut_names(policies: Sequence[str]) -> list[str]:
     return [name for name in policies if name in SHORTCUT_POLICIES]
 
 
-def hashed_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """What changes a baseline's results: the tasks' domain and split, the user simulator, the episode limits."""
-    episode = run_config["episode"]
-    user = run_config["user_sim"]
-    return {
-        "domain": run_config["domain"],
-        "task_split": run_config["task_split"],
-        "max_steps": episode["max_steps"],
-        "max_errors": episode["max_errors"],
-        "max_turns": episode["max_turns"],
-        "user_kind": user["kind"],
-        "user_model": user["model"],
-        "user_temperature": user["temperature"],
-        "user_extra_args": user["extra_args"],
-        "tau2_version": run_config["tau2_version"],
-    }
+# What changes a baseline's results: the tasks' domain and split, the user simulator, the episode limits.
+HASHED_KEYS = (
+    "domain", "task_split", "max_steps", "max_errors", "max_turns", "user_kind", "user_model", "user_temperature",
+    "user_extra_args", "tau2_version",
+)  # fmt: skip
+
+
+def hashed_config(model_hashed: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the model run's hashed configuration (evaluate_tau2.hashed_config) that a baseline depends on."""
+    return {key: model_hashed[key] for key in HASHED_KEYS}
 
 
 async def play_baselines(

@@ -69,10 +69,11 @@ from eval.serving import (
     split_server_args,
 )
 from rollout.budgets import EPISODE_TOKENS
+from rollout.cli import EXIT_USAGE, OneLineErrorParser
 from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "evaluate_tau2.py"
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 RECORD_VERSION = 1
 
 
@@ -93,11 +94,6 @@ def info(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -840,7 +836,7 @@ def run_baselines(
     from eval import baselines
 
     names = baselines.baseline_policies(args.domain)
-    hashed = baselines.hashed_config(run_config)
+    hashed = baselines.hashed_config(hashed_config(run_config))
     hash_value = config_hash(hashed)
     log = EpisodeLog(paths["baselines"])
     log.open()

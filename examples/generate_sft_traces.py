@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from reward.tau2_reward_shaping import is_success
+from rollout.cli import OneLineErrorParser
 from rollout.sft_format import (
     SOURCES,
     RowCheck,
@@ -57,13 +58,6 @@ PROG = "generate_sft_traces.py"
 DEFAULT_N = {"gold": 1, "teacher": 1, "rft": 4}
 DEFAULT_TEMPERATURE = {"gold": 0.0, "teacher": 0.7, "rft": 0.7}
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad arguments print one line naming the problem, then exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
