@@ -1,6 +1,8 @@
 """Token-in-token-out clients for the policy server: sglang's native /generate and OpenAI-style /v1/completions.
 
 Both return the sampled token ids verbatim with their log-probs, so the trainer sees exactly what was sampled.
+`sglang_generate_response` writes sglang's /generate answer: the CPU server (scripts/cpu_policy_server.py) and every
+test or benchmark double answer with it, so they and this client agree with sglang by construction.
 """
 
 from __future__ import annotations
@@ -33,6 +35,45 @@ class PolicyOutput(BaseModel):
     weight_version: str | None = None
     latency_s: float = 0.0
     attempts: int = 1
+
+
+def sglang_generate_response(
+    output_ids: list[int],
+    text: str,
+    finish_type: FinishReason,
+    *,
+    rid: str,
+    prompt_tokens: int,
+    cached_tokens: int = 0,
+    matched: int | str | None = None,
+    abort_message: str = "request aborted",
+    logprobs: list[float] | None = None,
+    token_texts: list[str | None] | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
+    """The body of sglang's `POST /generate` answer for one prompt: `text`, `output_ids` and `meta_info` with the
+    request id, `finish_reason` ({"type": "stop", "matched": id | str | None}, {"type": "length", "length": N} or
+    {"type": "abort", "message": ...}), prompt, completion and cached token counts, any `meta` given
+    (weight_version, e2e_latency, output_top_logprobs) and, when `logprobs` are given (`return_logprob`),
+    `output_token_logprobs`: one [logprob, token id, text or None] per output id."""
+    if finish_type == "stop":
+        finish: dict[str, Any] = {"type": "stop", "matched": matched}
+    elif finish_type == "length":
+        finish = {"type": "length", "length": len(output_ids)}
+    else:
+        finish = {"type": "abort", "message": abort_message}
+    meta_info: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": finish,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(output_ids),
+        "cached_tokens": cached_tokens,
+        **meta,
+    }
+    if logprobs is not None:
+        texts = token_texts if token_texts is not None else [None] * len(output_ids)
+        meta_info["output_token_logprobs"] = [list(entry) for entry in zip(logprobs, output_ids, texts, strict=True)]
+    return {"text": text, "output_ids": list(output_ids), "meta_info": meta_info}
 
 
 class PolicyServerError(RuntimeError):
