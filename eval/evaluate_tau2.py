@@ -643,7 +643,8 @@ async def play_episodes(
     """Play the pending (task, trial) pairs, `--concurrency` at a time; each record is on disk when it finishes."""
     from tqdm import tqdm
 
-    from rollout.clients.policy import RetryPolicy, build_policy_client
+    from rollout.clients.policy import build_policy_client
+    from rollout.clients.retry import RetryPolicy
     from rollout.engine import TokenAgent
     from rollout.episode import play_episode
     from rollout.user_sim import close_user_clients

@@ -265,7 +265,7 @@ class Generator:
         return config
 
     def _teacher_client(self) -> Any:
-        from rollout.clients.chat import build_chat_client
+        from rollout.clients.chat import CHAT_RETRY, build_chat_client
 
         args = self.args
         key_env = args.teacher_api_key_env or DEFAULT_KEY_ENV[args.teacher_kind]
@@ -273,7 +273,11 @@ class Generator:
         if args.teacher_api_key_env and not api_key:
             raise SystemExit(f"{PROG}: error: --teacher-api-key-env {key_env} is not set")
         return build_chat_client(
-            args.teacher_kind, args.teacher_model, args.teacher_base_url, api_key, timeout_s=args.teacher_timeout_s
+            args.teacher_kind,
+            args.teacher_model,
+            args.teacher_base_url,
+            api_key,
+            retry=CHAT_RETRY.model_copy(update={"timeout_s": args.teacher_timeout_s}),
         )
 
     def agent_label(self) -> str | None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from reward.tau2_reward_shaping import is_success
 from rollout import budgets
-from rollout.clients.policy import PolicyClient, PolicyServerError, PolicyTimeout
+from rollout.clients.policy import PolicyClient, PolicyServerError
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
@@ -462,7 +462,8 @@ class UserReply(BaseModel):
 class EpisodeUser(Protocol):
     """What the engine routes to the user, as tau2's Orchestrator does: the agent's text (AssistantMessage), or the
     results of the user's own tool calls (ToolMessage / MultiToolMessage). Users hold nothing to release: LLM users
-    share their chat client (rollout.user_sim.close_user_clients closes it)."""
+    share their chat client (rollout.user_sim.close_user_clients closes it). A user may carry `turn_timeout_s`, a
+    bound on its turns below the episode's turn bound (the LLM user's TAU2_USER_CALL_TIMEOUT_S)."""
 
     async def respond(self, incoming: IncomingMessage) -> UserReply: ...
 
@@ -756,15 +757,43 @@ def _run_tools(ep: _Episode, env: Environment, message: AssistantMessage | UserM
     return results
 
 
-async def _bounded(awaitable: Any, seconds: float, who: str) -> Any:
-    """Await one turn within its bound; a stuck server becomes a TurnTimeout naming the knob."""
+TURN_KNOB = "TAU2_TURN_TIMEOUT_S; default derived from TAU2_MAX_TOKENS_PER_TURN, see rollout/budgets.py"
+
+
+async def _bounded(awaitable: Any, seconds: float, who: str, knob: str = TURN_KNOB) -> Any:
+    """Await one turn within its bound; a stuck server becomes a TurnTimeout naming the knob. The bound holds whatever
+    the turn does with a cancellation (aiohttp swallows one that lands as its own request timeout fires, and a
+    retrying client then carries on): the turn is never waited for past its bound, only cancelled until it stops."""
+    turn = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(awaitable, seconds)
-    except (asyncio.TimeoutError, PolicyTimeout):
-        raise TurnTimeout(
-            f"the {who} produced no turn within {seconds:.0f} s (TAU2_TURN_TIMEOUT_S; default derived from "
-            "TAU2_MAX_TOKENS_PER_TURN, see rollout/budgets.py)"
-        ) from None
+        done, _ = await asyncio.wait({turn}, timeout=seconds)
+    except asyncio.CancelledError:
+        _stop(turn)
+        raise
+    if turn in done:
+        return turn.result()
+    turn.add_done_callback(_outcome_unused)
+    _stop(turn)
+    raise TurnTimeout(f"the {who} produced no turn within {seconds:.0f} s ({knob})")
+
+
+def _stop(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.05, _stop, task)
+
+
+def _outcome_unused(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it: the episode already ended on the timeout
+
+
+def _user_turn_bound(user: Any, config: EpisodeConfig) -> tuple[float, str]:
+    """The bound on one user turn: the turn bound, or the user simulator's own if it is smaller."""
+    own = getattr(user, "turn_timeout_s", None)
+    if own is not None and own < config.turn_deadline_s():
+        return own, "TAU2_USER_CALL_TIMEOUT_S"
+    return config.turn_deadline_s(), TURN_KNOB
 
 
 async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None, str]:
@@ -839,13 +868,14 @@ async def _play(
         greeting.timestamp = get_now()
         ep.trajectory.append(greeting)
         message, to_role = greeting, "user"
+    user_s, user_knob = _user_turn_bound(user, config)
     while not ep.done:
         if to_role in ("user", "agent") and _aborted(ep, abort_check):
             return
         if to_role == "user":
             if user is None:
                 raise RuntimeError("a message was routed to the user in solo mode")
-            reply = await _bounded(user.respond(message), config.turn_deadline_s(), "user simulator")
+            reply = await _bounded(user.respond(message), user_s, "user simulator", user_knob)
             user_message = reply.message
             user_message.validate()  # as tau2's Orchestrator: an empty user message is an error, not a turn
             ep.user_latency += reply.latency_s

@@ -42,7 +42,8 @@ import threading
 from typing import Any
 
 from rollout.budgets import EPISODE_TOKENS
-from rollout.clients.policy import PolicyClient, RetryPolicy, build_policy_client
+from rollout.clients.policy import PolicyClient, build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.token_record import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def policy_for(args: Any, turn_timeout_s: float) -> PolicyClient:
     with _LOCK:
         if key not in _POLICIES:
             # One attempt never outlasts the turn's bound; the engine bounds the turn, retries included.
-            retry = RetryPolicy(timeout_s=turn_timeout_s, deadline_s=turn_timeout_s)
+            retry = RetryPolicy(timeout_s=turn_timeout_s)
             model = os.environ.get("TAU2_POLICY_MODEL", "default")
             _POLICIES[key] = build_policy_client(url, api=api, model=model, retry=retry)
         return _POLICIES[key]

@@ -12,16 +12,17 @@ Configuration comes from the environment (`UserSimConfig.from_env`):
   TAU2_USER_BASE_URL     OpenAI-compatible base URL, e.g. http://127.0.0.1:30001/v1 (llm; optional for gemini)
   TAU2_USER_API_KEY      falls back to OPENAI_API_KEY (llm) or GEMINI_API_KEY (gemini)
   TAU2_USER_TEMPERATURE  default 0.0 (tau2's default)
-  TAU2_USER_TIMEOUT_S    seconds one request may take, default 120
-  TAU2_USER_MAX_RETRIES  retries of a failed request (5xx, 429, timeout, connection error), default 6
+  TAU2_USER_TIMEOUT_S    seconds one request attempt may take, default 120
+  TAU2_USER_MAX_RETRIES  retries of a failed request (rollout.clients.retry: 5xx, 429, timeout, connection), default 6
   TAU2_USER_CALL_TIMEOUT_S  seconds one user turn may take in all (requests, backoff, re-asks), default 300
   TAU2_USER_EXTRA_ARGS   JSON object of extra request fields (e.g. {"max_tokens": 512})
 
 A reply the user cannot use (empty, or a tool call whose arguments are not a JSON object) is asked again up to 3
-times, as tau2 asks again after an empty reply; after that, or past any of the bounds above, the turn fails with
+times, as tau2 asks again after an empty reply; after that, or once the retries are spent, the turn fails with
 UserSimulatorError and the episode ends as an infrastructure failure (status "failed", reason infra_error), which
-GRPO keeps out of training. A hung user-simulator server holds an episode for at most TAU2_USER_CALL_TIMEOUT_S per
-turn.
+GRPO keeps out of training. The engine bounds each user turn (requests, backoff and re-asks together) by
+TAU2_USER_CALL_TIMEOUT_S or TAU2_TURN_TIMEOUT_S, whichever is smaller: a hung server ends the episode as failed,
+reason timeout.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from rollout.clients.chat import ChatClient, ChatClientError, build_chat_client
+from rollout.clients.chat import CHAT_RETRY, ChatClient, ChatClientError, build_chat_client
 from rollout.engine import EpisodeUser, IncomingMessage, UserReply
 from rollout.scripted import ScriptedUser
 from rollout.tau2_setup import import_tau2
@@ -140,7 +141,7 @@ class UserSimConfig(BaseModel):
         """Identifies the chat client this config needs (the key enters only as a digest)."""
         secret = self.secret()
         digest = hashlib.sha256(secret.encode()).hexdigest()[:16] if secret else None
-        return (self.kind, self.model, self.base_url, digest, self.timeout_s, self.max_retries, self.call_timeout_s)
+        return (self.kind, self.model, self.base_url, digest, self.timeout_s, self.max_retries)
 
 
 def _env_number(get: Any, name: str, kind: type, minimum: float, strict: bool = False) -> Any:
@@ -170,7 +171,9 @@ class LLMUser:
         temperature: float = 0.0,
         llm_args: dict[str, Any] | None = None,
         message_history: list[Message] | None = None,
+        turn_timeout_s: float | None = None,
     ) -> None:
+        self.turn_timeout_s = turn_timeout_s  # the engine's bound on this user's turns, when below the turn bound
         # tau2's own object supplies the system prompt and the state (and with it flip_roles); only `generate` is ours.
         self.simulator = UserSimulator(tools=user_tools, instructions=str(task.user_scenario))
         self.state = self.simulator.get_init_state(message_history=message_history)
@@ -242,9 +245,7 @@ def get_user_client(config: UserSimConfig, cache: dict[Any, Any] | None = None) 
             config.model or "",
             config.base_url,
             config.secret(),
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            call_timeout_s=config.call_timeout_s,
+            retry=CHAT_RETRY.model_copy(update={"timeout_s": config.timeout_s, "max_retries": config.max_retries}),
         )
         cache[key] = client
     return client
@@ -267,4 +268,11 @@ def build_user(
     if config.kind == "scripted":
         return ScriptedUser(task)
     client = get_user_client(config, client_cache)
-    return LLMUser(task, user_tools, client, temperature=config.temperature, llm_args=config.extra_args)
+    return LLMUser(
+        task,
+        user_tools,
+        client,
+        temperature=config.temperature,
+        llm_args=config.extra_args,
+        turn_timeout_s=config.call_timeout_s,
+    )

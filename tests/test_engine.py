@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from rollout.clients.policy import RetryPolicy, build_policy_client
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.tool_format import format_tool_call
 from tests.engine_helpers import gold_script_texts, opening_of, script_responder, verify_record

@@ -14,6 +14,7 @@ from typing import Any
 
 from rollout.clients.chat import OpenAIChatClient
 from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.task_store import get_task_store
 from rollout.user_sim import LLMUser
@@ -40,7 +41,7 @@ async def _episodes(tok: Any, policy_url: str, user_url: str, count: int) -> lis
     tasks = get_task_store().tasks("telecom", "train")
     config = EpisodeConfig(max_turns=TURNS)
     policy = build_policy_client(policy_url)
-    client = OpenAIChatClient(user_url, model="user-sim", timeout_s=WAIT_S, max_retries=0)
+    client = OpenAIChatClient(user_url, model="user-sim", retry=RetryPolicy(timeout_s=WAIT_S, max_retries=0))
 
     async def one(i: int):
         task = tasks[i % len(tasks)]

@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from rollout import engine
-from rollout.clients.policy import RetryPolicy, build_policy_client
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode, task_view
 from rollout.token_record import ChatRenderer
 from tests.engine_helpers import gold_script_texts, opening_of, script_responder, verify_record

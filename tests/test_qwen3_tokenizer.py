@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from examples import qwen3_tokenizer
-from rollout.clients.policy import RetryPolicy, build_policy_client
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl

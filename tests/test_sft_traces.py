@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from examples import check_sft_data, generate_sft_traces
-from rollout.clients.policy import RetryPolicy, build_policy_client
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import TRANSFER_MESSAGE, ScriptedUser, gold_agent_turns, opening_message, solo_supported
 from rollout.sft_format import (
