@@ -54,8 +54,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import ValidationError
-
 from eval import metrics
 from eval.serving import (
     RunningServer,
@@ -70,6 +68,7 @@ from eval.serving import (
 )
 from rollout.budgets import EPISODE_TOKENS
 from rollout.cli import EXIT_USAGE, OneLineErrorParser
+from rollout.settings import EpisodeConfig
 from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "evaluate_tau2.py"
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="results JSON ('.json' added when missing); the episodes JSONL, tau2 Results, .md and .png go beside it",
     )
     g = p.add_argument_group("tasks")
-    g.add_argument("--domain", "-d", default=os.environ.get("TAU2_DOMAIN") or "telecom")
+    g.add_argument("--domain", "-d", help="tau2 domain (default: $TAU2_DOMAIN, else telecom)")
     g.add_argument("--task-split", "--task-split-name", dest="task_split", default="test")
     g.add_argument("--num-tasks", type=_positive_int, help="first N tasks of the split in tau2's order (default all)")
     g.add_argument(
@@ -194,6 +193,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compare:
         return args
+    if args.domain is None:
+        try:
+            args.domain = EpisodeConfig().domain
+        except ValueError as err:
+            parser.error(str(err))
     if args.output_path:
         args.output_path = json_path(args.output_path)
     if not args.output_path:
@@ -268,25 +272,22 @@ def check_checkpoint(path: str, flag: str = "--checkpoint") -> str:
 
 def user_sim_config(args: argparse.Namespace) -> Any:
     """UserSimConfig from TAU2_USER_* with the command-line flags on top; the key only ever comes from a variable."""
-    from rollout.user_sim import UserSimConfig
+    from rollout.settings import UserSimConfig
 
-    environ = dict(os.environ)
-    for flag, var in (
-        ("user_kind", "TAU2_USER_KIND"),
-        ("user_model", "TAU2_USER_MODEL"),
-        ("user_base_url", "TAU2_USER_BASE_URL"),
-        ("user_temperature", "TAU2_USER_TEMPERATURE"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            environ[var] = str(value)
+    flags = {
+        "kind": args.user_kind,
+        "model": args.user_model,
+        "base_url": args.user_base_url,
+        "temperature": args.user_temperature,
+    }
+    overrides = {field: value for field, value in flags.items() if value is not None}
     if args.user_api_key_env:
         name = args.user_api_key_env
         if not os.environ.get(name, "").strip():
             raise UsageError(f"--user-api-key-env {name}: the environment variable {name} is not set or empty")
-        environ["TAU2_USER_API_KEY"] = os.environ[name]
+        overrides["api_key"] = os.environ[name]
     try:
-        return UserSimConfig.from_env(environ)
+        return UserSimConfig(**overrides)
     except ValueError as err:
         raise UsageError(f"user simulator (flags --user-* or TAU2_USER_* variables): {err}") from None
 
@@ -322,18 +323,13 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
 
 
 def episode_config(args: argparse.Namespace, solo_mode: bool) -> Any:
-    from rollout.engine import EpisodeConfig
-
     overrides: dict[str, Any] = {"domain": args.domain, "solo_mode": solo_mode}
     for flag in ("max_steps", "max_errors", "max_turns", "policy_variant", "episode_timeout_s"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
     try:
-        return EpisodeConfig.from_env(**overrides)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise UsageError(f"episode settings (flags or TAU2_* variables): {problems}") from None
+        return EpisodeConfig(**overrides)
     except ValueError as err:
         raise UsageError(f"episode settings (flags or TAU2_* variables): {err}") from None
 

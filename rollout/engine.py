@@ -20,7 +20,6 @@ import asyncio
 import functools
 import gc
 import inspect
-import os
 import pickle
 import sys
 import threading
@@ -36,8 +35,8 @@ from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from reward.tau2_reward_shaping import is_success
-from rollout import budgets
 from rollout.clients.policy import PolicyClient, PolicyServerError
+from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
@@ -87,7 +86,7 @@ _CPU_LOCK = threading.Lock()
 def _make_pool(workers: int) -> ThreadPoolExecutor | None:
     if workers <= 0:
         return None
-    switch_ms = float(os.environ.get("TAU2_GIL_SWITCH_INTERVAL_MS", "1"))
+    switch_ms = ProcessSettings().gil_switch_interval_ms
     if switch_ms > 0:
         # CPython's convoy effect: every socket call of the loop releases the GIL and waits up to the switch interval
         # (5 ms by default) to get it back from a worker thread.
@@ -101,13 +100,14 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     with _CPU_LOCK:
         if not _CPU_SETUP_DONE:
             _CPU_SETUP_DONE = True
-            gen0 = _env_int("TAU2_GC_GEN0_THRESHOLD", 20000) or 0
+            settings = ProcessSettings()
+            gen0 = settings.gc_gen0_threshold
             if gen0 > gc.get_threshold()[0]:
                 # A batch allocates millions of short-lived objects (environments, messages): at Python's default of
                 # 700 the young-generation collections and the full ones they cascade into stalled a 256-episode
                 # batch for ~0.7 s in all (measured with gc.callbacks); freed by reference counting, they need no GC.
                 gc.set_threshold(gen0, *gc.get_threshold()[1:])
-            _CPU_POOL = _make_pool(_env_int("TAU2_CPU_WORKERS", 0) or 0)
+            _CPU_POOL = _make_pool(settings.cpu_workers)
         return _CPU_POOL
 
 
@@ -135,83 +135,8 @@ async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as err:
-        raise ValueError(f"{name}={raw!r} is not an integer") from err
-
-
 class TurnTimeout(RuntimeError):
     """A policy or user-simulator turn took longer than its bound (EpisodeConfig.turn_deadline_s)."""
-
-
-class EpisodeConfig(BaseModel):
-    """How an episode is played. Defaults match tau2's CLI (max_steps 200, max_errors 10); token budgets and time
-    bounds come from rollout.budgets (the same for GRPO, in-training evaluation and the evaluator)."""
-
-    domain: str = "telecom"
-    solo_mode: bool = False
-    max_steps: int = Field(default=200, gt=0)
-    max_errors: int = Field(default=10, gt=0)
-    max_turns: int | None = Field(default=None, gt=0, description="cap on policy turns (None: only max_steps)")
-    max_tool_calls_per_turn: int | None = Field(default=None, gt=0, description="None: parallel calls allowed")
-    max_tokens_per_turn: int | None = Field(
-        default=budgets.TURN_TOKENS,
-        gt=0,
-        description="cap on one policy turn; a turn cut by it is closed (masked) and played as is (None: no cap)",
-    )
-    policy_variant: Literal["full", "compact"] = "full"
-    evaluate: bool = True
-    episode_timeout_s: float | None = Field(default=None, gt=0, description="None: derived from the token budget")
-    turn_timeout_s: float | None = Field(
-        default=None, gt=0, description="bound on one policy or user turn, retries included; None: derived"
-    )
-
-    def turn_deadline_s(self) -> float:
-        """The bound on one turn: turn_timeout_s, else derived from the per-turn token cap (rollout.budgets)."""
-        return self.turn_timeout_s or budgets.turn_timeout_s(self.max_tokens_per_turn)
-
-    def episode_deadline_s(self, episode_tokens: int | None) -> float:
-        """The bound on the episode: episode_timeout_s, else derived from its token budget (rollout.budgets)."""
-        if self.episode_timeout_s is not None:
-            return self.episode_timeout_s
-        return max(budgets.episode_timeout_s(episode_tokens, self.max_tokens_per_turn), 4 * self.turn_deadline_s())
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> EpisodeConfig:
-        """TAU2_DOMAIN, TAU2_SOLO_MODE, TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOOL_CALLS_PER_TURN,
-        TAU2_MAX_TOKENS_PER_TURN (0: no cap), TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S, TAU2_TURN_TIMEOUT_S;
-        keyword overrides win."""
-        values: dict[str, Any] = {}
-        if os.environ.get("TAU2_DOMAIN"):
-            values["domain"] = os.environ["TAU2_DOMAIN"]
-        if os.environ.get("TAU2_SOLO_MODE"):
-            values["solo_mode"] = os.environ["TAU2_SOLO_MODE"].strip().lower() in ("1", "true", "yes")
-        for key, var in (
-            ("max_steps", "TAU2_MAX_STEPS"),
-            ("max_errors", "TAU2_MAX_ERRORS"),
-            ("max_turns", "TAU2_MAX_TURNS"),
-            ("max_tool_calls_per_turn", "TAU2_MAX_TOOL_CALLS_PER_TURN"),
-            ("max_tokens_per_turn", "TAU2_MAX_TOKENS_PER_TURN"),
-        ):
-            value = _env_int(var, None)
-            if value is not None:
-                values[key] = None if key == "max_tokens_per_turn" and value == 0 else value
-        if os.environ.get("TAU2_POLICY_VARIANT"):
-            values["policy_variant"] = os.environ["TAU2_POLICY_VARIANT"]
-        for key, var in (("episode_timeout_s", "TAU2_EPISODE_TIMEOUT_S"), ("turn_timeout_s", "TAU2_TURN_TIMEOUT_S")):
-            raw = os.environ.get(var, "").strip()
-            if raw:
-                try:
-                    values[key] = float(raw)
-                except ValueError as err:
-                    raise ValueError(f"{var}={raw!r} is not a number of seconds") from err
-        values.update(overrides)
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------- what the agent sees
@@ -1012,7 +937,7 @@ async def run_episode(
     result.messages = [m.model_dump(mode="json") for m in simulation.messages]
     result.simulation_id, result.start_time, result.end_time = simulation.id, simulation.start_time, simulation.end_time
     result.duration_s, result.tau2_termination_reason = simulation.duration, simulation.termination_reason.value
-    if config.evaluate and ep.status != "failed":
+    if ep.status != "failed":
         eval_started = time.perf_counter()
         try:
             info, truncated = await run_cpu(_evaluate, ep, simulation)

@@ -435,7 +435,7 @@ def test_user_simulator_flags_complete_the_environment(monkeypatch, tmp_path, sc
     assert made.secret() == "user-secret-value" and "user-secret-value" not in json.dumps(made.public_dict())
     with pytest.raises(SystemExit, match="TAU2_USER_MODEL"):
         config()
-    with pytest.raises(SystemExit, match="base-url"):
+    with pytest.raises(SystemExit, match="needs TAU2_USER_BASE_URL"):
         config("--user-kind", "llm", "--user-model", "m")
     monkeypatch.setenv("TAU2_USER_KIND", "solo")
     with pytest.raises(SystemExit, match="--solo"):

@@ -265,12 +265,25 @@ def test_broken_tool_call_then_a_good_reply_keeps_the_episode(server, task):
     assert result.termination_reason == "user_stop" and len(server.requests) == 2
 
 
-def test_user_simulator_waits_are_bounded_by_default(task):
+def config_from(monkeypatch, env: dict[str, str]) -> UserSimConfig:
+    """UserSimConfig read from exactly these variables."""
+    for name in (*(UserSimConfig.env_name(field) for field in UserSimConfig.model_fields), *KEY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return UserSimConfig()
+
+
+KEY_VARIABLES = ("OPENAI_API_KEY", "GEMINI_API_KEY")
+
+
+def test_user_simulator_waits_are_bounded_by_default(task, monkeypatch):
     config = UserSimConfig(kind="llm", model="m", base_url="http://127.0.0.1:9/v1")
     user = build_user(config, task, None, {})
     limits = (user.client.retry.timeout_s, user.client.retry.max_retries, user.client.max_reasks, user.turn_timeout_s)
     assert limits == (120.0, 6, 3, 300.0)
-    tuned = UserSimConfig.from_env(
+    tuned = config_from(
+        monkeypatch,
         {
             "TAU2_USER_KIND": "llm",
             "TAU2_USER_MODEL": "m",
@@ -278,7 +291,7 @@ def test_user_simulator_waits_are_bounded_by_default(task):
             "TAU2_USER_TIMEOUT_S": "20",
             "TAU2_USER_MAX_RETRIES": "1",
             "TAU2_USER_CALL_TIMEOUT_S": "45",
-        }
+        },
     )
     user = build_user(tuned, task, None, {})
     assert (user.client.retry.timeout_s, user.client.retry.max_retries, user.turn_timeout_s) == (20.0, 1, 45.0)
@@ -304,9 +317,7 @@ def test_hung_user_simulator_fails_the_turn_at_the_call_limit(server, task):
 
 
 def test_config_from_env_and_secrets(monkeypatch):
-    for name in ("TAU2_USER_KIND", "TAU2_USER_MODEL", "TAU2_USER_BASE_URL", "TAU2_USER_API_KEY", "OPENAI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    default = UserSimConfig.from_env()
+    default = config_from(monkeypatch, {})
     assert default.kind == "scripted" and default.temperature == 0.0 and default.api_key is None
 
     env = {
@@ -319,7 +330,7 @@ def test_config_from_env_and_secrets(monkeypatch):
         "TAU2_USER_MAX_RETRIES": "2",
         "TAU2_USER_EXTRA_ARGS": '{"max_tokens": 512}',
     }
-    config = UserSimConfig.from_env(env)
+    config = config_from(monkeypatch, env)
     assert config.kind == "llm" and config.model == "Qwen3-4B-Instruct-2507"
     assert config.base_url == "http://127.0.0.1:30001/v1"
     assert (config.temperature, config.timeout_s, config.max_retries) == (0.7, 30.0, 2)
@@ -330,15 +341,15 @@ def test_config_from_env_and_secrets(monkeypatch):
     for text in (str(public), repr(config), str(config), config.model_dump_json(), str(config.model_dump())):
         assert SECRET not in text
 
-    assert UserSimConfig.from_env({**env, "TAU2_USER_API_KEY": "sk-explicit"}).secret() == "sk-explicit"
-    gemini = UserSimConfig.from_env(
-        {"TAU2_USER_KIND": "gemini", "TAU2_USER_MODEL": "gemini-2.5-flash", "GEMINI_API_KEY": SECRET}
+    assert config_from(monkeypatch, {**env, "TAU2_USER_API_KEY": "sk-explicit"}).secret() == "sk-explicit"
+    gemini = config_from(
+        monkeypatch, {"TAU2_USER_KIND": "gemini", "TAU2_USER_MODEL": "gemini-2.5-flash", "GEMINI_API_KEY": SECRET}
     )
     assert gemini.secret() == SECRET and gemini.base_url is None
-    assert (
-        UserSimConfig.from_env({"TAU2_USER_KIND": "llm", "TAU2_USER_MODEL": "m", "TAU2_USER_BASE_URL": "u"}).api_key
-        is None
-    )
+    bare = {"TAU2_USER_KIND": "llm", "TAU2_USER_MODEL": "m", "TAU2_USER_BASE_URL": "u"}
+    assert config_from(monkeypatch, bare).api_key is None
+    # Keyword arguments win over the variables (the evaluator's --user-* flags).
+    assert UserSimConfig(kind="scripted").kind == "scripted" and UserSimConfig(temperature=0.3).model == "m"
 
 
 @pytest.mark.parametrize(
@@ -358,7 +369,7 @@ def test_config_from_env_and_secrets(monkeypatch):
         ({"TAU2_USER_EXTRA_ARGS": "{bad"}, "TAU2_USER_EXTRA_ARGS"),
     ],
 )
-def test_config_bad_values_name_the_variable(override, variable):
+def test_config_bad_values_name_the_variable(override, variable, monkeypatch):
     env = {
         "TAU2_USER_KIND": "llm",
         "TAU2_USER_MODEL": "m",
@@ -366,7 +377,7 @@ def test_config_bad_values_name_the_variable(override, variable):
         "OPENAI_API_KEY": SECRET,
     }
     with pytest.raises(ValueError, match=variable) as info:
-        UserSimConfig.from_env({**env, **override})
+        config_from(monkeypatch, {**env, **override})
     assert SECRET not in str(info.value)
 
 
