@@ -67,7 +67,7 @@ from eval.serving import (
     split_server_args,
 )
 from rollout.budgets import EPISODE_TOKENS
-from rollout.cli import EXIT_USAGE, OneLineErrorParser
+from rollout.cli import EXIT_USAGE, OneLineErrorParser, user_flags, write_atomic
 from rollout.settings import EpisodeConfig
 from rollout.token_record import TokenizerError, load_tokenizer
 
@@ -274,20 +274,8 @@ def user_sim_config(args: argparse.Namespace) -> Any:
     """UserSimConfig from TAU2_USER_* with the command-line flags on top; the key only ever comes from a variable."""
     from rollout.settings import UserSimConfig
 
-    flags = {
-        "kind": args.user_kind,
-        "model": args.user_model,
-        "base_url": args.user_base_url,
-        "temperature": args.user_temperature,
-    }
-    overrides = {field: value for field, value in flags.items() if value is not None}
-    if args.user_api_key_env:
-        name = args.user_api_key_env
-        if not os.environ.get(name, "").strip():
-            raise UsageError(f"--user-api-key-env {name}: the environment variable {name} is not set or empty")
-        overrides["api_key"] = os.environ[name]
     try:
-        return UserSimConfig(**overrides)
+        return UserSimConfig(**user_flags(args))
     except ValueError as err:
         raise UsageError(f"user simulator (flags --user-* or TAU2_USER_* variables): {err}") from None
 
@@ -485,18 +473,7 @@ def latest_by_pair(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- the policy side

@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from reward.tau2_reward_shaping import is_success
-from rollout.cli import OneLineErrorParser
+from rollout.cli import OneLineErrorParser, user_flags
 from rollout.sft_format import (
     SOURCES,
     RowCheck,
@@ -229,21 +229,8 @@ class Generator:
         """TAU2_USER_* with the --user-* flags on top."""
         from rollout.settings import UserSimConfig
 
-        args = self.args
-        flags = {
-            "kind": args.user_kind,
-            "model": args.user_model,
-            "base_url": args.user_base_url,
-            "temperature": args.user_temperature,
-        }
-        overrides = {field: value for field, value in flags.items() if value is not None}
-        if args.user_api_key_env:
-            secret = os.environ.get(args.user_api_key_env)
-            if not secret:
-                raise SystemExit(f"{PROG}: error: --user-api-key-env {args.user_api_key_env} is not set")
-            overrides["api_key"] = secret
         try:
-            config = UserSimConfig(**overrides)
+            config = UserSimConfig(**user_flags(self.args))
         except ValueError as err:
             raise SystemExit(f"{PROG}: error: user simulator (--user-* flags or TAU2_USER_*): {err}") from None
         if config.kind == "solo":
