@@ -21,7 +21,8 @@ from rollout.engine import (
     prepare_episode,
     run_episode,
 )
-from rollout.user_sim import UserSimConfig, build_user
+from rollout.settings import UserSimConfig
+from rollout.user_sim import build_user
 
 
 class Episode:

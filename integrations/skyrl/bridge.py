@@ -20,9 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.engine import AgentTurn, EpisodeConfig, EpisodeResult, parse_turn
+from rollout.engine import AgentTurn, EpisodeResult, parse_turn
 from rollout.episode import Episode
-from rollout.user_sim import UserSimConfig
+from rollout.settings import EpisodeConfig, UserSimConfig
 
 # Special tokens a client may leave at the end of the decoded turn (SkyRL's remote client decodes without
 # skip_special_tokens, so Qwen's text ends with <|im_end|>): they end the turn, they are not part of it.

@@ -20,7 +20,8 @@ from skyrl.train.config import SkyRLTrainConfig
 from skyrl.train.config.config import EnvironmentConfig, SkyRLGymConfig
 
 from integrations.skyrl.env import ENV_IDS, Tau2EnvConfig
-from rollout.engine import EpisodeConfig, prepare_episode
+from rollout.engine import prepare_episode
+from rollout.settings import EpisodeConfig
 from rollout.task_store import get_task_store
 
 log = logging.getLogger(__name__)

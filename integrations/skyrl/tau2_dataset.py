@@ -28,7 +28,8 @@ from typing import Any
 
 from examples.tau2_mock import build_rows
 from integrations.skyrl.env import ENV_IDS
-from rollout.engine import EpisodeConfig, prepare_episode
+from rollout.engine import prepare_episode
+from rollout.settings import EpisodeConfig
 from rollout.task_store import get_task_store
 
 # Output file -> tau2 split.
