@@ -8,8 +8,9 @@ tool calls), as tau2's `generate` does, and, when the caller passes `require_jso
 arguments that are not a JSON object. Each attempt is bounded by the policy's `timeout_s`, the attempts by its
 `max_retries` and `max_reasks`; the engine bounds the whole turn.
 
-The OpenAI-compatible client is written on aiohttp rather than the openai SDK: on the rollout benchmark the SDK's
-request building cost ~30x the client CPU per user-simulator request (docs/benchmarks.md, "Chat client").
+The OpenAI-compatible client is written on aiohttp rather than the openai SDK: on the rollout benchmark the SDK cost
+~4 ms more per user-simulator request and tripled the harness's CPU per episode, 73% instead of 92% of the LLM bound at
+256 concurrent episodes (docs/benchmarks.md, "Chat client").
 
 Tool-call arguments that are not a JSON object: tau2's `generate` would raise (json.loads). These clients keep the
 call with `arguments={}` and the unparsed string in `ChatToolCall.raw_arguments`, so the caller decides (the user
