@@ -86,7 +86,7 @@ _CPU_LOCK = threading.Lock()
 def _make_pool(workers: int) -> ThreadPoolExecutor | None:
     if workers <= 0:
         return None
-    switch_ms = ProcessSettings().gil_switch_interval_ms
+    switch_ms = ProcessSettings.current().gil_switch_interval_ms
     if switch_ms > 0:
         # CPython's convoy effect: every socket call of the loop releases the GIL and waits up to the switch interval
         # (5 ms by default) to get it back from a worker thread.
@@ -100,7 +100,7 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     with _CPU_LOCK:
         if not _CPU_SETUP_DONE:
             _CPU_SETUP_DONE = True
-            settings = ProcessSettings()
+            settings = ProcessSettings.current()
             gen0 = settings.gc_gen0_threshold
             if gen0 > gc.get_threshold()[0]:
                 # A batch allocates millions of short-lived objects (environments, messages): at Python's default of

@@ -56,7 +56,7 @@ class Episode:
         setup = await prepare_episode(task, config)
         user = None
         if not config.solo_mode:
-            user = build_user(user_config or UserSimConfig(), task, setup.user_tools, user_clients)
+            user = build_user(user_config or UserSimConfig.current(), task, setup.user_tools, user_clients)
         return cls(task, config, setup, user, make_agent(setup.view))
 
     async def play(self, abort_check: Callable[[], bool] | None = None) -> EpisodeResult:

@@ -104,7 +104,7 @@ def policy_url(args: Any, settings: RolloutSettings) -> str:
 
 
 def policy_for(args: Any, turn_timeout_s: float, settings: RolloutSettings | None = None) -> PolicyClient:
-    settings = settings or RolloutSettings()
+    settings = settings or RolloutSettings.current()
     url, api = policy_url(args, settings), settings.policy_api
     key = (url, api, id(asyncio.get_running_loop()), turn_timeout_s)  # aiohttp sessions belong to one loop
     with _LOCK:
@@ -320,7 +320,7 @@ def fill_sample(
     if result is not None:
         metadata.update(episode_metadata(result, agent, evaluation, task))
         sample.non_generation_time = result.user_latency_s + result.env_s + result.eval_s
-        if RolloutSettings().keep_trajectory:
+        if RolloutSettings.current().keep_trajectory:
             metadata["tau2_messages"] = result.messages
     else:
         metadata["evaluation"] = evaluation
@@ -364,7 +364,7 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
         from rollout.engine import TokenAgent
         from rollout.episode import Episode
 
-        settings, config = RolloutSettings(), EpisodeConfig()
+        settings, config = RolloutSettings.current(), EpisodeConfig.current()
         task, domain = resolve_task(sample, evaluation, config.domain, settings)
         config = config.model_copy(update={"domain": domain})
         budget = sampling_params.get("max_new_tokens") or getattr(args, "rollout_max_response_len", None)

@@ -24,7 +24,7 @@ def quiet_tau2_logging(level: str | None = None) -> None:
     from rollout.settings import ProcessSettings
 
     logger.remove()
-    logger.add(sys.stderr, level=level or ProcessSettings().log_level)
+    logger.add(sys.stderr, level=level or ProcessSettings.current().log_level)
     _QUIETED = True
 
 

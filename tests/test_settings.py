@@ -93,3 +93,17 @@ def test_a_bad_value_names_its_variable(clean_env, variable, value, problem):
 def test_an_unknown_keyword_is_refused():
     with pytest.raises(SettingsError, match=r"unknown EpisodeConfig setting\(s\) \['max_turn'\]"):
         EpisodeConfig(max_turn=3)
+
+
+def test_current_is_shared_until_the_environment_changes(clean_env):
+    first = EpisodeConfig.current()
+    assert EpisodeConfig.current() is first and first.max_turns is None
+    clean_env.setenv("TAU2_MAX_TURNS", "5")
+    assert EpisodeConfig.current().max_turns == 5
+    clean_env.setenv("OPENAI_API_KEY", "sk-one")
+    clean_env.setenv("TAU2_USER_KIND", "llm")
+    clean_env.setenv("TAU2_USER_MODEL", "m")
+    clean_env.setenv("TAU2_USER_BASE_URL", "http://u/v1")
+    assert UserSimConfig.current().secret() == "sk-one"
+    clean_env.setenv("OPENAI_API_KEY", "sk-two")  # the key's fallback variable is watched too
+    assert UserSimConfig.current().secret() == "sk-two"
