@@ -72,8 +72,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -81,8 +82,10 @@ from reward.partial_credit import (
     WEIGHT_ENV_VARS,
     PartialWeights,
     compute_partial_score,
+    compute_progress_score,
     env_float,
     is_normal_termination,
+    progress_figures,
     validation_error_message,
 )
 
@@ -95,7 +98,34 @@ SHAPING_ENV_VARS: dict[str, str] = {
     "alpha": "TAU2_REWARD_ALPHA",
     "truncation_discount": "TAU2_TRUNCATION_DISCOUNT",
     "turn_penalty": "TAU2_TURN_PENALTY",
+    "collateral_penalty": "TAU2_COLLATERAL_PENALTY",
 }
+CREDIT_ENV_VAR = "TAU2_PARTIAL_CREDIT"
+CREDIT_KINDS = ("progress", "checks")
+TRANSFER_GUARD_ENV_VAR = "TAU2_TRANSFER_GUARD"
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
+def env_choice(name: str, default: str, choices: Sequence[str], environ: Mapping[str, str] | None = None) -> str:
+    """One of `choices` from the environment (any case); unset or empty -> default; anything else -> error."""
+    env = os.environ if environ is None else environ
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"{name}={env.get(name)!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def env_flag(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """A boolean from the environment (1/0, true/false, yes/no, on/off); unset or empty -> default."""
+    env = os.environ if environ is None else environ
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in _TRUE | _FALSE:
+        raise ValueError(f"{name}={env.get(name)!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+    return raw in _TRUE
 
 
 class ShapingConfig(BaseModel):
@@ -107,13 +137,21 @@ class ShapingConfig(BaseModel):
     truncation_discount: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     turn_penalty: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # per policy turn, on the partial term
     weights: PartialWeights = Field(default_factory=PartialWeights)
+    credit: Literal["progress", "checks"] = "progress"
+    collateral_penalty: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # progress credit only
+    transfer_guard: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ShapingConfig:
-        """Read TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY and the TAU2_PARTIAL_W_* weights."""
+        """Read TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_COLLATERAL_PENALTY,
+        TAU2_PARTIAL_CREDIT, TAU2_TRANSFER_GUARD and the TAU2_PARTIAL_W_* weights."""
         weights = PartialWeights.from_env(environ)
         defaults = cls.model_fields
-        values = {field: env_float(var, defaults[field].default, environ) for field, var in SHAPING_ENV_VARS.items()}
+        values: dict[str, Any] = {
+            field: env_float(var, defaults[field].default, environ) for field, var in SHAPING_ENV_VARS.items()
+        }
+        values["credit"] = env_choice(CREDIT_ENV_VAR, defaults["credit"].default, CREDIT_KINDS, environ)
+        values["transfer_guard"] = env_flag(TRANSFER_GUARD_ENV_VAR, defaults["transfer_guard"].default, environ)
         try:
             return cls(weights=weights, **values)
         except ValidationError as error:
@@ -140,25 +178,46 @@ def is_success(task_reward: Any) -> bool:
     return reward is not None and reward >= SUCCESS_THRESHOLD
 
 
+def partial_credit(metadata: Mapping[str, Any], config: ShapingConfig) -> tuple[float, dict[str, float], str]:
+    """(credit before discount and turn penalty, components, which credit was used) for one episode.
+
+    The checks come from `reward_info` (normal end) or `truncated_checks` (any other end, falling back to
+    `reward_info`); the progress credit also reads `progress`, and falls back to the checks credit when the sample
+    has no usable progress figures. With the transfer guard on, an episode that transferred on a task whose gold
+    actions do not transfer gets 0."""
+    reward_info = metadata.get("reward_info")
+    termination = metadata.get("termination_reason")
+    if termination is not None and not is_normal_termination(termination):
+        truncated_checks = metadata.get("truncated_checks")
+        if truncated_checks is not None:
+            reward_info = truncated_checks
+    progress = metadata.get("progress")
+    scored = None
+    if config.credit == "progress":
+        scored = compute_progress_score(reward_info, progress, config.weights, config.collateral_penalty)
+    used = "progress" if scored is not None else "checks"
+    score, components = scored if scored is not None else compute_partial_score(reward_info, config.weights)
+    if config.transfer_guard:
+        figures = progress_figures(progress)
+        if figures is not None and figures["transferred"] and not figures["gold_transfers"]:
+            score, components = 0.0, {**components, "transfer_guard": 1.0}
+    return score, components, used
+
+
 def shape_reward(
     sample_metadata: Mapping[str, Any] | None, task_reward: float | None, config: ShapingConfig | None = None
 ) -> tuple[float, float, dict[str, float]]:
     """(shaped, partial, components) for one episode; see the module docstring for the formula and its guarantees.
 
     `partial` is the credit that entered `shaped` (after the truncation discount and turn penalty); `components`
-    are the raw fractions of the RewardInfo it came from.
-    """
+    are the fractions it came from (plus, for the progress credit, the `collateral` penalty subtracted)."""
     config = config or ShapingConfig()
     metadata = sample_metadata if isinstance(sample_metadata, Mapping) else {}
-    reward_info = metadata.get("reward_info")
     discount = 1.0
     termination = metadata.get("termination_reason")
     if termination is not None and not is_normal_termination(termination):
         discount = config.truncation_discount
-        truncated_checks = metadata.get("truncated_checks")
-        if truncated_checks is not None:
-            reward_info = truncated_checks
-    score, components = compute_partial_score(reward_info, config.weights)
+    score, components, _ = partial_credit(metadata, config)
     partial = max(0.0, score * discount - config.turn_penalty * _count(metadata.get("turns")))
     success = 1.0 if is_success(task_reward) else 0.0
     shaped = success + config.alpha * partial
@@ -237,6 +296,7 @@ def tau2_reward_post_process(args: Any, samples: Sequence[Any]) -> tuple[list[fl
         metadata["raw_reward"] = task_reward if task_reward is not None else 0.0
         metadata["partial_score"] = partial
         metadata["partial_components"] = components
+        metadata["partial_credit"] = "progress" if "state" in components else "checks"
         metadata["shaped_reward"] = shaped
         metadata["reward_valid"] = ok
         raw_rewards.append(shaped)

@@ -147,6 +147,7 @@ def fill_sample(sample: Any, result: EpisodeResult | None, tokenizer: Any, failu
                 "termination_reason": result.termination_reason,
                 "reward_info": result.reward_info,
                 "truncated_checks": result.truncated_checks,
+                "progress": result.progress,
                 "turns": result.turns,
                 "steps": result.steps,
                 "tool_calls": result.tool_calls,

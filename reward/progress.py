@@ -1,0 +1,360 @@
+"""Progress toward the gold end state, measured on tau2's own state: how many of the fields that the task's gold
+actions change the episode left with their gold value, and how many fields it changed that they leave alone.
+
+State: what tau2 compares when it grades a database, i.e. the agent's database (`env.tools.db`) and, where the
+domain has one, the user's (`env.user_tools.db`: telecom's phone and surroundings). A field is a leaf of those
+pydantic models (records in dicts by key, in lists by position; a record that exists on one side only counts with
+each of its leaves).
+
+Target (`progress_target`, built once per task and cached): a fresh environment in the task's initial state S0, built
+as tau2's evaluator builds its gold environment (initialization data, initialization actions, message history), and
+the same environment after the task's gold actions G. Each gold action is followed by `sync_tools`, as every call of
+an episode is (tau2's gold environment skips that sync: it only hashes databases, and sync changes nothing in the
+graded airline and retail databases; telecom's sync derives data-limit, roaming and payment fields from the line).
+A gold action that raises is skipped, as tau2 does. `changed` = the fields where G differs from S0.
+
+Measure (`measure_progress`, at the end of an episode, on its own environment E):
+- `matched`: fields of `changed` whose value in E is the gold one;
+- `collateral`: fields where E differs from S0 that the gold actions leave alone (toggling everything changes many);
+- `transferred` / `gold_transfers`: whether the agent called, and the gold actions call, `transfer_to_human_agents`.
+The reward post-process turns these into credit (reward/partial_credit.py, `progress_score`). E equals S0 plus its
+differences, so only the differences are walked: equal subtrees are skipped with one `==` (pydantic compares field
+dicts in C), which is what keeps this cheap on airline's 3 MB database.
+
+Cost and placement: the engine calls `episode_progress` at episode end through `run_cpu`, where the environment
+exists (slime passes samples, not environments), and puts the figures in `EpisodeResult.progress`, which the slime
+adapter copies to `sample.metadata["progress"]`. Numbers in docs/partial_credit.md (bench/partial_credit.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from tau2.data_model.simulation import SimulationRun
+    from tau2.data_model.tasks import Task
+    from tau2.environment.environment import Environment
+
+TRANSFER_TOOL = "transfer_to_human_agents"  # the hand-off tool of every tau2 domain
+LISTED_FIELDS = 6  # field paths kept per list in the payload: enough to read, small enough for every sample
+TARGET_CACHE_SIZE = 4096  # tasks: telecom's full set has 2285
+INITIAL_CACHE_SIZE = 256  # initial states: airline and retail tasks all share one, telecom's are ~70 KB each
+
+Path = tuple[Any, ...]
+
+
+class _Absent:
+    """The value of a key or position that one side does not have."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT: Any = _Absent()
+
+
+def path_text(path: Path) -> str:
+    return "/".join(str(part) for part in path)
+
+
+def _children(value: Any) -> dict[Any, Any] | None:
+    """A container's children by key (model fields, dict keys, list positions); None for a leaf."""
+    if isinstance(value, BaseModel):
+        children = {name: getattr(value, name) for name in type(value).model_fields}
+        if value.__pydantic_extra__:
+            children.update(value.__pydantic_extra__)
+        return children
+    if isinstance(value, dict):
+        return {key.value if isinstance(key, Enum) else key: child for key, child in value.items()}
+    if isinstance(value, (list, tuple)):
+        return dict(enumerate(value))
+    return None
+
+
+def _leaves(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
+    """Every leaf under a value; an empty container is a leaf of its own."""
+    children = _children(value)
+    if not children:
+        yield path, value
+        return
+    for key, child in children.items():
+        yield from _leaves(child, (*path, key))
+
+
+def _record(out: dict[Path, tuple[Any, Any]], path: Path, before: Any, after: Any) -> None:
+    """The leaf-by-leaf differences of two subtrees (ABSENT: no subtree on that side)."""
+    old = dict(_leaves(before, path)) if before is not ABSENT else {}
+    new = dict(_leaves(after, path)) if after is not ABSENT else {}
+    for leaf in old.keys() | new.keys():
+        value_before, value_after = old.get(leaf, ABSENT), new.get(leaf, ABSENT)
+        if value_before is ABSENT or value_after is ABSENT or value_before != value_after:
+            out[leaf] = (value_before, value_after)
+
+
+def diff_fields(before: Any, after: Any, path: Path = ()) -> dict[Path, tuple[Any, Any]]:
+    """{field path: (before, after)} for every leaf that differs (an empty container is a leaf; ABSENT stands for a
+    missing key or position). Equal subtrees cost one `==` each."""
+    out: dict[Path, tuple[Any, Any]] = {}
+    _diff(before, after, path, out)
+    return out
+
+
+def _diff(before: Any, after: Any, path: Path, out: dict[Path, tuple[Any, Any]]) -> None:
+    if before is after or (type(before) is type(after) and before == after):
+        return
+    old, new = _children(before), _children(after)
+    if not old or not new or type(before) is not type(after):  # a leaf, an empty container, or a change of kind
+        _record(out, path, before, after)
+        return
+    for key in old.keys() | new.keys():
+        _diff(old.get(key, ABSENT), new.get(key, ABSENT), (*path, key), out)
+
+
+def environment_state(env: Environment) -> dict[str, Any]:
+    """The databases tau2 hashes: the agent's, and the user's where the domain has one."""
+    state = {"db": env.tools.db}
+    user_db = getattr(env.user_tools, "db", None) if env.user_tools is not None else None
+    if user_db is not None:
+        state["user_db"] = user_db
+    return state
+
+
+@dataclass(frozen=True)
+class ProgressTarget:
+    """What the gold actions do to a task's initial state. `initial` is shared between tasks: never mutate it."""
+
+    task_id: str
+    domain: str
+    initial: dict[str, Any]
+    steps: tuple[dict[Path, Any], ...]  # per gold action: the fields it changed, with their values right after it
+    final: dict[Path, Any]  # fields whose gold end value differs from the initial one, with that end value
+    initial_values: dict[Path, Any]  # initial value of every field any gold action changes
+    counted: frozenset[int]  # gold actions whose effect the gold end state shows (see `action_shares`)
+    gold_transfers: bool
+    gold_errors: tuple[str, ...]  # gold actions that raised (skipped, as tau2's evaluator does)
+
+
+class StateProgress(BaseModel):
+    """The figures an episode hands to the reward post-process (`sample.metadata["progress"]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_actions: int = Field(ge=0, description="gold actions whose effect the state can show")
+    done_actions: float = Field(ge=0, description="their summed shares done (see `action_shares`)")
+    target_fields: int = Field(ge=0, description="fields whose gold end value differs from the initial one")
+    matched_fields: int = Field(ge=0, description="of those, fields the episode left with the gold end value")
+    touched_fields: int = Field(ge=0, description="fields any gold action changes, end value or on the way")
+    collateral: int = Field(ge=0, description="fields the episode changed that no gold action changes")
+    transferred: bool = Field(description="the agent called transfer_to_human_agents")
+    gold_transfers: bool = Field(description="the gold actions call transfer_to_human_agents")
+    missed_fields: list[str] = Field(default_factory=list, description=f"first {LISTED_FIELDS} unmatched end fields")
+    collateral_fields: list[str] = Field(default_factory=list, description=f"first {LISTED_FIELDS} collateral fields")
+
+
+_LOCK = threading.Lock()
+_TARGETS: OrderedDict[tuple[str, str], ProgressTarget] = OrderedDict()
+_INITIAL: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> Any:
+    """Keep the first value stored under a key (two threads may build it), bounded LRU; returns the kept value."""
+    value = cache.setdefault(key, value)
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def initial_environment(task: Task, domain: str) -> Environment:
+    """A fresh environment in the task's initial state, as tau2's evaluator builds its gold environment."""
+    from rollout.engine import fast_env_constructor  # the engine's cached databases; imported late: it imports us
+
+    env = fast_env_constructor(domain)()
+    initial = task.initial_state
+    env.set_state(
+        initialization_data=initial.initialization_data if initial else None,
+        initialization_actions=initial.initialization_actions if initial else None,
+        message_history=(initial.message_history or []) if initial else [],
+    )
+    return env
+
+
+def value_at(state: Any, path: Path) -> Any:
+    """The value at a field path; ABSENT where a key or position is missing."""
+    value = state
+    for key in path:
+        children = _children(value)
+        if children is None or key not in children:
+            return ABSENT
+        value = children[key]
+    return value
+
+
+def _gold_call(env: Environment, action: Any) -> str | None:
+    """One gold action as an episode runs a call (then sync_tools); the error text if it raised."""
+    try:
+        env.make_tool_call(action.name, requestor=action.requestor, **action.arguments)
+        env.sync_tools()
+    except Exception as error:
+        return f"{action.name}: {type(error).__name__}: {error}"[:300]
+    return None
+
+
+def _initial_key(task: Task, domain: str) -> tuple[str, str]:
+    initial = task.initial_state
+    return domain, json.dumps(initial.model_dump(mode="json"), sort_keys=True) if initial is not None else "null"
+
+
+def progress_target(task: Task, domain: str) -> ProgressTarget:
+    """The task's target, built on first use and cached: two environments replay the gold actions one step apart,
+    so each step's changes are one diff, with no copy of the state (airline's is 3 MB)."""
+    key = (domain, task.id)
+    with _LOCK:
+        cached = _TARGETS.get(key)
+        if cached is not None:
+            _TARGETS.move_to_end(key)
+            return cached
+    initial_key = _initial_key(task, domain)
+    with _LOCK:
+        initial = _INITIAL.get(initial_key)
+    if initial is None:
+        fresh = environment_state(initial_environment(task, domain))  # that environment is never touched again
+        with _LOCK:
+            initial = _remember(_INITIAL, initial_key, fresh, INITIAL_CACHE_SIZE)
+    criteria = task.evaluation_criteria
+    actions = list(criteria.actions or []) if criteria is not None else []
+    ahead, behind = initial_environment(task, domain), initial_environment(task, domain)
+    steps: list[dict[Path, Any]] = []
+    errors: list[str] = []
+    for action in actions:
+        error = _gold_call(ahead, action)
+        if error:
+            errors.append(error)
+        steps.append(
+            {
+                path: after
+                for path, (_, after) in diff_fields(environment_state(behind), environment_state(ahead)).items()
+            }
+        )
+        _gold_call(behind, action)
+    final = {path: after for path, (_, after) in diff_fields(initial, environment_state(ahead)).items()}
+    initial_values = {path: value_at(initial, path) for step in steps for path in step}
+    at_gold = action_shares(steps, initial_values, lambda path: final.get(path, initial_values[path]))
+    target = ProgressTarget(
+        task_id=task.id,
+        domain=domain,
+        initial=initial,
+        steps=tuple(steps),
+        final=final,
+        initial_values=initial_values,
+        counted=frozenset(position for position, share in enumerate(at_gold) if share is not None),
+        gold_transfers=any(action.name == TRANSFER_TOOL for action in actions),
+        gold_errors=tuple(errors),
+    )
+    with _LOCK:
+        return _remember(_TARGETS, key, target, TARGET_CACHE_SIZE)
+
+
+def action_shares(
+    steps: Sequence[Mapping[Path, Any]], initial_values: Mapping[Path, Any], value_of: Callable[[Path], Any]
+) -> list[float | None]:
+    """How much of each gold action a state shows (None: nothing), from the last action back.
+
+    Each field a gold action changes is evidence for it, met when the state holds the value the action left there,
+    or, if a later gold action changes the field again, when that later action is fully done. No evidence: a field
+    the action sets back to its initial value (the untouched state holds it too: telecom's reset-at-reboot flag after
+    the reboot), and a field holding another value whose later action has no evidence of its own (retail's "change
+    the address, then change it back"). So a step whose effect a later step consumes (reset the APN, then reboot;
+    request a payment, then pay) is credited while it is the latest, and after its consumer. `progress_target`
+    counts the actions with evidence in the gold end state; the others never count.
+    """
+    shares: list[float | None] = [None] * len(steps)
+    next_change: dict[Path, int] = {}
+    for position in range(len(steps) - 1, -1, -1):
+        evidence = []
+        for path, value in steps[position].items():
+            later = next_change.get(path)
+            next_change[path] = position
+            if value == initial_values[path]:
+                continue
+            met = value_of(path) == value
+            if later is None:
+                evidence.append(met)
+            elif met or shares[later] is not None:
+                evidence.append(met or shares[later] == 1.0)
+        shares[position] = math.fsum(evidence) / len(evidence) if evidence else None
+    return shares
+
+
+def agent_tool_names(messages: Iterable[Any]) -> list[str]:
+    """Names of the agent's tool calls in a tau2 trajectory (message objects or their JSON dumps)."""
+    names = []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        calls = message.get("tool_calls") if isinstance(message, dict) else getattr(message, "tool_calls", None)
+        if role != "assistant" or not calls:
+            continue
+        for call in calls:
+            name = call.get("name") if isinstance(call, dict) else getattr(call, "name", None)
+            if name:
+                names.append(str(name))
+    return names
+
+
+def measure_progress(task: Task, domain: str, env: Environment | None, messages: Iterable[Any] = ()) -> StateProgress:
+    """The episode's figures against the task's target; `env` None means no tool ever ran (the initial state)."""
+    target = progress_target(task, domain)
+    differences = diff_fields(target.initial, environment_state(env)) if env is not None else {}
+
+    def value_of(path: Path) -> Any:
+        return differences[path][1] if path in differences else target.initial_values[path]
+
+    shares = action_shares(target.steps, target.initial_values, value_of)
+    counted = [shares[position] or 0.0 for position in sorted(target.counted)]
+    missed = [path for path, gold in target.final.items() if value_of(path) != gold]
+    collateral = sorted((path for path in differences if path not in target.initial_values), key=path_text)
+    return StateProgress(
+        target_actions=len(counted),
+        done_actions=math.fsum(counted),
+        target_fields=len(target.final),
+        matched_fields=len(target.final) - len(missed),
+        touched_fields=len(target.initial_values),
+        collateral=len(collateral),
+        transferred=TRANSFER_TOOL in agent_tool_names(messages),
+        gold_transfers=target.gold_transfers,
+        missed_fields=[path_text(path) for path in missed[:LISTED_FIELDS]],
+        collateral_fields=[path_text(path) for path in collateral[:LISTED_FIELDS]],
+    )
+
+
+def episode_progress(task: Task, domain: str, env: Environment | None, messages: Iterable[Any]) -> dict[str, Any]:
+    """`measure_progress` as the JSON the engine stores; never raises (an error comes back as {"error": ...}).
+    CPU work: call it through run_cpu."""
+    try:
+        return measure_progress(task, domain, env, messages).model_dump(mode="json")
+    except Exception as error:  # one episode's bad state must not take the batch down
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
+
+
+def progress_of_simulation(
+    simulation: SimulationRun, task: Task, domain: str, solo_mode: bool = False
+) -> StateProgress:
+    """The figures for a finished trajectory without its environment: replays its tool calls on a fresh one, as
+    tau2's evaluator does (for stored trajectories and tests; the engine measures its live environment instead)."""
+    from reward.partial_credit import without_unanswered_tail
+
+    messages, _ = without_unanswered_tail(list(simulation.messages))
+    env = initial_environment(task, domain)
+    if solo_mode:
+        env.set_solo_mode(True)
+    env.set_state(initialization_data=None, initialization_actions=None, message_history=messages)
+    return measure_progress(task, domain, env, messages)
