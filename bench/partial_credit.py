@@ -377,73 +377,112 @@ def measure_cost(settings: Settings) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------- 2. properties
 
 
-def check_task(task: Any, domain: str, rng: random.Random, settings: Settings) -> dict[str, Any]:
-    """Both credits on one task: every gold prefix, nothing, spam runs and every tool once."""
+def uncounted_reason(task: Any, domain: str, position: int) -> str:
+    """Why the end state cannot show gold action `position` (it is not in the target's `counted`)."""
+    target = progress_module.progress_target(task, domain)
+    action = task.evaluation_criteria.actions[position]
+    writes = {tool.name for tool in tool_catalog(domain) if tool.writes}
+    if action.name == TRANSFER_TOOL:
+        return "transfer: changes no state"
+    if action.name not in writes:
+        return "read-only tool"
+    if position in target.gold_errors:
+        return "raises in the gold replay (tau2 skips it too)"
+    if not target.steps[position]:
+        return "changes nothing (a repeat, or already so)"
+    return "undone by a later gold action"
+
+
+def check_task(task: Any, domain: str, rng: random.Random, settings: Settings) -> dict[str, Any] | None:
+    """Both credits on one task: every gold prefix, nothing, spam runs and every tool once (None: tau2 cannot
+    grade a gold prefix)."""
     gold = gold_calls(task)
     target = progress_module.progress_target(task, domain)
-    prefixes = [all_shaped(play(task, domain, gold[:k])) for k in range(len(gold) + 1)]
-    nothing = prefixes[0]
-    spam = [
-        all_shaped(play(task, domain, spam_calls(task, domain, rng, settings.spam_length)))
-        for _ in range(settings.spam_runs)
-    ]
-    every = all_shaped(play(task, domain, every_tool_calls(task, domain, rng)))
+    episodes = [play(task, domain, gold[:k]) for k in range(len(gold) + 1)]
+    if any(episode is None for episode in episodes):
+        return None
+    prefixes = [all_shaped(episode) for episode in episodes]
+
+    def run(calls: list[Call]) -> dict[str, Any] | None:
+        metadata = play(task, domain, calls)
+        if metadata is None:
+            return None
+        return {"success": metadata["reward"] >= 1.0 - 1e-6, "shaped": all_shaped(metadata)}
+
     steps = []
     for k in range(1, len(gold) + 1):
+        counted = (k - 1) in target.counted
         steps.append(
             {
                 "action": gold[k - 1][1],
-                "counted": (k - 1) in target.counted,
+                "counted": counted,
+                "reason": None if counted else uncounted_reason(task, domain, k - 1),
                 "old": (prefixes[k - 1]["checks (old)"], prefixes[k]["checks (old)"]),
                 "new": (prefixes[k - 1]["progress (new default)"], prefixes[k]["progress (new default)"]),
+                "partial_new": shape_reward(episodes[k], 0.0, CREDITS["progress (new default)"])[1],
             }
         )
     return {
         "task_id": task.id,
         "n": len(gold),
         "steps": steps,
-        "full": {name: value for name, value in prefixes[-1].items()},
-        "nothing": nothing,
-        "spam": spam,
-        "every": every,
+        "full": prefixes[-1],
+        "full_success": episodes[-1]["reward"] >= 1.0 - 1e-6,
+        "nothing": prefixes[0],
+        "spam": [run(spam_calls(task, domain, rng, settings.spam_length)) for _ in range(settings.spam_runs)],
+        "every": [run(every_tool_calls(task, domain, rng))],
     }
 
 
-def summarize_properties(results: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"tasks": len(results)}
+def summarize_properties(results: list[dict[str, Any] | None]) -> dict[str, Any]:
+    graded = [result for result in results if result is not None]
+    summary: dict[str, Any] = {"tasks": len(results), "ungradable_tasks": len(results) - len(graded)}
+    summary["gold_fails"] = sum(1 for result in graded if not result["full_success"])
+    reasons: dict[str, int] = {}
+    for result in graded:
+        for step in result["steps"]:
+            if step["reason"]:
+                reasons[step["reason"]] = reasons.get(step["reason"], 0) + 1
+    summary["uncounted_reasons"] = reasons
     for credit, key in (("checks (old)", "old"), ("progress (new default)", "new")):
-        strict_up = ties = drops = 0
-        below_full = above_full = 0
-        tie_actions: dict[str, int] = {}
-        for result in results:
+        strict_up = ties = drops = below_full = not_below_full = 0
+        counted_up = counted_steps = 0
+        for result in graded:
             full = result["full"][credit]
             for index, step in enumerate(result["steps"]):
                 before, after = step[key]
-                if after > before:
-                    strict_up += 1
-                elif after == before:
-                    ties += 1
-                    tie_actions[step["action"]] = tie_actions.get(step["action"], 0) + 1
-                else:
-                    drops += 1
+                strict_up += after > before
+                ties += after == before
+                drops += after < before
+                if step["counted"]:
+                    counted_steps += 1
+                    counted_up += after > before
                 if index < len(result["steps"]) - 1:  # k < n
                     below_full += after < full
-                    above_full += after >= full
-        summary[key] = {
+                    not_below_full += after >= full
+        values: dict[str, Any] = {
             "steps": strict_up + ties + drops,
             "strictly_up": strict_up,
             "ties": ties,
             "drops": drops,
-            "tie_actions": tie_actions,
+            "counted_steps": counted_steps,
+            "counted_up": counted_up,
             "k_below_n": below_full,
-            "k_not_below_n": above_full,
-            "spam_above_nothing": sum(
-                1 for r in results for run in r["spam"] if run[credit] > r["nothing"][credit] + 1e-12
-            ),
-            "spam_runs": sum(len(r["spam"]) for r in results),
-            "every_above_nothing": sum(1 for r in results if r["every"][credit] > r["nothing"][credit] + 1e-12),
-            "nothing_mean": statistics.fmean(r["nothing"][credit] for r in results) if results else 0.0,
+            "k_not_below_n": not_below_full,
+            "nothing_mean": statistics.fmean(r["nothing"][credit] for r in graded) if graded else 0.0,
         }
+        for kind in ("spam", "every"):
+            runs = [(r["nothing"][credit], run) for r in graded for run in r[kind]]
+            failing = [(nothing, run) for nothing, run in runs if run is not None and not run["success"]]
+            values[f"{kind}_runs"] = len(runs)
+            values[f"{kind}_ungradable"] = sum(1 for _, run in runs if run is None)
+            values[f"{kind}_successes"] = sum(1 for _, run in runs if run is not None and run["success"])
+            values[f"{kind}_failing"] = len(failing)
+            values[f"{kind}_above_nothing"] = sum(
+                1 for nothing, run in failing if run["shaped"][credit] > nothing + 1e-12
+            )
+            values[f"{kind}_mean"] = statistics.fmean(run["shaped"][credit] for _, run in failing) if failing else 0.0
+        summary[key] = values
     return summary
 
 
@@ -483,6 +522,7 @@ def synthetic_signal(settings: Settings) -> dict[str, Any]:
     out = {}
     for domain in settings.signal_domains:
         groups = []
+        ungradable = 0
         for task in domain_tasks(domain, settings.tasks_per_domain.get(domain)):
             n = len(gold_calls(task))
             for _ in range(settings.groups_per_task):
@@ -490,10 +530,14 @@ def synthetic_signal(settings: Settings) -> dict[str, Any]:
                 for _ in range(settings.group_size):
                     episode = weak_episode(task, domain, rng)
                     metadata = play(task, domain, episode.calls, episode.termination)
+                    if metadata is None:
+                        ungradable += 1
+                        continue
                     truth = episode.gold_done / n if n else 0.0
                     group.append((all_shaped(metadata), truth, metadata["reward"] >= 1.0 - 1e-6))
                 groups.append(group)
         out[domain] = group_signal(groups)
+        out[domain]["ungradable_episodes"] = ungradable
     return out
 
 
@@ -545,6 +589,8 @@ def guard_comparison(settings: Settings) -> dict[str, Any]:
         for k in range(len(gold)):
             ended = play(task, "telecom", gold[:k])
             transferred = play(task, "telecom", [*gold[:k], transfer])
+            if ended is None or transferred is None:
+                continue
             for name, config in CREDITS.items():
                 pairs[name].append((shaped(ended, config), shaped(transferred, config)))
     out = {}
@@ -653,9 +699,13 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## 2. Properties on every task",
         "",
-        "Per task: the first k gold actions for every k (a proper end), nothing at all, random tool spam (random tools"
-        " of the domain, agent's and user's, with the task's own ids as arguments) and every tool of the domain once."
-        " A step is k-1 -> k. Spam and every-tool rows count runs scoring above doing nothing.",
+        "Per task: the first k gold actions for every k (a proper end), nothing at all, random tool spam (calls of"
+        " random tools of the domain, the agent's and the user's, each argument drawn from the task's own values, a few"
+        " other tasks' values and domain defaults) and every tool of the domain once. A step is k-1 -> k; 'steps the"
+        " state can show' leaves out the gold actions listed below. 'k < n below n' compares shaped rewards (the"
+        " success bonus alone guarantees it); the progress credit itself stays below 1 for k < n wherever the last"
+        " missing actions can be shown. Spam and every-tool columns: failing runs (the shaped reward of a success"
+        " outranks everything anyway) scoring above doing nothing, and their mean shaped reward.",
         "",
     ]
     header = (
@@ -663,38 +713,53 @@ def render(results: dict[str, Any]) -> str:
         "credit",
         "tasks",
         "steps k-1 -> k",
-        "strictly up",
-        "ties",
+        "up",
+        "tied",
         "down",
+        "steps the state can show: up",
         "k < n below n",
-        "spam > nothing",
-        "every tool > nothing",
-        "nothing (mean shaped)",
+        "nothing (mean)",
+        "spam: failing runs above nothing",
+        "spam: mean",
+        "every tool: failing runs above nothing",
+        "every tool: mean",
     )
     rows = []
     for domain, summary in results["properties"].items():
         for key, name in (("old", "checks (old)"), ("new", "progress (new)")):
-            values = summary[key]
+            v = summary[key]
             rows.append(
                 [
                     domain,
                     name,
                     summary["tasks"],
-                    values["steps"],
-                    values["strictly_up"],
-                    values["ties"],
-                    values["drops"],
-                    f"{values['k_below_n']}/{values['k_below_n'] + values['k_not_below_n']}",
-                    f"{values['spam_above_nothing']}/{values['spam_runs']}",
-                    f"{values['every_above_nothing']}/{summary['tasks']}",
-                    values["nothing_mean"],
+                    v["steps"],
+                    v["strictly_up"],
+                    v["ties"],
+                    v["drops"],
+                    f"{v['counted_up']}/{v['counted_steps']}",
+                    f"{v['k_below_n']}/{v['k_below_n'] + v['k_not_below_n']}",
+                    v["nothing_mean"],
+                    f"{v['spam_above_nothing']}/{v['spam_failing']}",
+                    v["spam_mean"],
+                    f"{v['every_above_nothing']}/{v['every_failing']}",
+                    v["every_mean"],
                 ]
             )
     lines += table(header, rows)
-    lines += ["", "Ties under the progress credit, by the gold action of the step:", ""]
+    lines += ["", "Gold actions the end state cannot show (their step ties under the progress credit), by reason:", ""]
     for domain, summary in results["properties"].items():
-        ties = ", ".join(f"`{name}` {count}" for name, count in sorted(summary["new"]["tie_actions"].items()))
-        lines.append(f"- {domain}: {ties or 'none'}")
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary["uncounted_reasons"].items()))
+        lines.append(f"- {domain}: {reasons or 'none'}")
+    lines += ["", "Spam and every-tool runs tau2 grades as successes, or cannot grade, are left out of the table:", ""]
+    for domain, summary in results["properties"].items():
+        v = summary["new"]
+        lines.append(
+            f"- {domain}: spam {v['spam_successes']} successes, {v['spam_ungradable']} ungradable of"
+            f" {v['spam_runs']} runs; every tool {v['every_successes']} successes, {v['every_ungradable']}"
+            f" ungradable of {v['every_runs']}; gold actions that do not succeed: {summary['gold_fails']} tasks;"
+            f" gold prefixes tau2 cannot grade: {summary['ungradable_tasks']} tasks."
+        )
     lines += [
         "",
         "## 3. Learning signal on synthetic weak-policy groups",
@@ -709,7 +774,11 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     for domain, signal in results["synthetic"].items():
-        lines += [f"**{domain}**: {signal['groups']} groups, {signal['all_fail_groups']} all-fail.", ""]
+        lines += [
+            f"**{domain}**: {signal['groups']} groups, {signal['all_fail_groups']} all-fail"
+            f" ({signal['ungradable_episodes']} episodes tau2 could not grade left out).",
+            "",
+        ]
         lines += table(SIGNAL_HEADER, signal_rows(signal))
         lines.append("")
     lines += ["## 4. Learning signal on real rollouts of the CPU model", ""]

@@ -140,7 +140,7 @@ class ProgressTarget:
     initial_values: dict[Path, Any]  # initial value of every field any gold action changes
     counted: frozenset[int]  # gold actions whose effect the gold end state shows (see `action_shares`)
     gold_transfers: bool
-    gold_errors: tuple[str, ...]  # gold actions that raised (skipped, as tau2's evaluator does)
+    gold_errors: dict[int, str]  # position -> error of the gold actions that raised (skipped, as tau2 does)
 
 
 class StateProgress(BaseModel):
@@ -214,9 +214,48 @@ def _initial_key(task: Task, domain: str) -> tuple[str, str]:
     return domain, json.dumps(initial.model_dump(mode="json"), sort_keys=True) if initial is not None else "null"
 
 
+def _writes(env: Environment, action: Any) -> bool:
+    """Whether the tool may change state: tau2 marks each tool READ, WRITE or GENERIC; unknown tools count as
+    writes."""
+    kit = env.user_tools if action.requestor == "user" else env.tools
+    if kit is None or not kit.has_tool(action.name):
+        return True
+    kind = kit.tool_type(action.name)
+    return str(getattr(kind, "value", kind)).lower() == "write"
+
+
+def _gold_steps(
+    task: Task, domain: str, actions: list[Any], initial: dict[str, Any], trust_tool_types: bool
+) -> tuple[list[dict[Path, Any]], dict[int, str], Environment]:
+    """Each gold action's changes ({field: value after it}), the errors, and the environment after all of them.
+
+    Two environments replay the actions one step apart, so a step's changes are one diff with no copy of the state
+    (airline's is 3 MB). With `trust_tool_types`, actions of non-WRITE tools are not diffed, and the lagging
+    environment is built only at the second write (before it, the state is the initial one)."""
+    ahead, behind = initial_environment(task, domain), None
+    steps: list[dict[Path, Any]] = []
+    errors: dict[int, str] = {}
+    writes_seen = 0
+    for position, action in enumerate(actions):
+        writes = not trust_tool_types or _writes(ahead, action)
+        if writes and writes_seen and behind is None:
+            behind = initial_environment(task, domain)
+            for earlier in actions[:position]:
+                _gold_call(behind, earlier)
+        before = environment_state(behind) if behind is not None else initial
+        error = _gold_call(ahead, action)
+        if error:
+            errors[position] = error
+        changes = diff_fields(before, environment_state(ahead)) if writes else {}
+        steps.append({path: after for path, (_, after) in changes.items()})
+        if behind is not None:
+            _gold_call(behind, action)
+        writes_seen += writes
+    return steps, errors, ahead
+
+
 def progress_target(task: Task, domain: str) -> ProgressTarget:
-    """The task's target, built on first use and cached: two environments replay the gold actions one step apart,
-    so each step's changes are one diff, with no copy of the state (airline's is 3 MB)."""
+    """The task's target, built on first use (one or two environments replay the gold actions) and cached."""
     key = (domain, task.id)
     with _LOCK:
         cached = _TARGETS.get(key)
@@ -232,21 +271,10 @@ def progress_target(task: Task, domain: str) -> ProgressTarget:
             initial = _remember(_INITIAL, initial_key, fresh, INITIAL_CACHE_SIZE)
     criteria = task.evaluation_criteria
     actions = list(criteria.actions or []) if criteria is not None else []
-    ahead, behind = initial_environment(task, domain), initial_environment(task, domain)
-    steps: list[dict[Path, Any]] = []
-    errors: list[str] = []
-    for action in actions:
-        error = _gold_call(ahead, action)
-        if error:
-            errors.append(error)
-        steps.append(
-            {
-                path: after
-                for path, (_, after) in diff_fields(environment_state(behind), environment_state(ahead)).items()
-            }
-        )
-        _gold_call(behind, action)
-    final = {path: after for path, (_, after) in diff_fields(initial, environment_state(ahead)).items()}
+    steps, errors, gold = _gold_steps(task, domain, actions, initial, trust_tool_types=True)
+    final = {path: after for path, (_, after) in diff_fields(initial, environment_state(gold)).items()}
+    if not final.keys() <= {path for step in steps for path in step}:  # a tool changed state its type denies
+        steps, errors, gold = _gold_steps(task, domain, actions, initial, trust_tool_types=False)
     initial_values = {path: value_at(initial, path) for step in steps for path in step}
     at_gold = action_shares(steps, initial_values, lambda path: final.get(path, initial_values[path]))
     target = ProgressTarget(
@@ -258,7 +286,7 @@ def progress_target(task: Task, domain: str) -> ProgressTarget:
         initial_values=initial_values,
         counted=frozenset(position for position, share in enumerate(at_gold) if share is not None),
         gold_transfers=any(action.name == TRANSFER_TOOL for action in actions),
-        gold_errors=tuple(errors),
+        gold_errors=errors,
     )
     with _LOCK:
         return _remember(_TARGETS, key, target, TARGET_CACHE_SIZE)

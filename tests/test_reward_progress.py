@@ -128,7 +128,7 @@ def test_target_records_each_gold_step_and_is_cached():
     assert flag not in target.final  # back to False at the end
     # The second reboot changes nothing: the only gold action the state cannot show.
     assert [names[i] for i in range(len(names)) if i not in target.counted] == ["reboot_device"]
-    assert target.gold_errors == () and target.gold_transfers is False
+    assert target.gold_errors == {} and target.gold_transfers is False
 
 
 def test_gold_prefixes_on_the_live_environment():
