@@ -1,34 +1,35 @@
-"""Progress toward the gold end state, measured on tau2's own state: how many of the fields that the task's gold
-actions change the episode left with their gold value, and how many fields it changed that they leave alone.
+"""Progress toward the gold end state, measured on tau2's own state: how much of what the task's gold actions do the
+episode's end state shows, and how many fields it changed that no gold action changes.
 
 State: what tau2 compares when it grades a database, i.e. the agent's database (`env.tools.db`) and, where the
 domain has one, the user's (`env.user_tools.db`: telecom's phone and surroundings). A field is a leaf of those
-pydantic models (records in dicts by key, in lists by position; a record that exists on one side only counts with
-each of its leaves).
+pydantic models (records in dicts by key, in lists by position; a record on one side only counts with each of its
+leaves; an empty container is a leaf).
 
-Target (`progress_target`, built once per task and cached): a fresh environment in the task's initial state S0, built
-as tau2's evaluator builds its gold environment (initialization data, initialization actions, message history), and
-the same environment after the task's gold actions G. Each gold action is followed by `sync_tools`, as every call of
-an episode is (tau2's gold environment skips that sync: it only hashes databases, and sync changes nothing in the
-graded airline and retail databases; telecom's sync derives data-limit, roaming and payment fields from the line).
-A gold action that raises is skipped, as tau2 does. `changed` = the fields where G differs from S0.
+Target (`progress_target`, built on first use and cached per task): the task's initial state S0, built as tau2's
+evaluator builds its gold environment (initialization data, initialization actions, message history), and the gold
+actions replayed on it one by one, each followed by `sync_tools` as every call of an episode is (tau2's gold
+environment skips that sync: it only hashes databases, and sync changes nothing in the graded airline and retail
+databases; telecom's sync derives data-limit, roaming and payment fields from the line). A gold action that raises
+is skipped, as tau2 does. Kept: each action's changes (`steps`), the end fields that differ from S0 (`final`), and
+which actions the gold end state shows (`counted`, see `action_shares`).
 
 Measure (`measure_progress`, at the end of an episode, on its own environment E):
-- `matched`: fields of `changed` whose value in E is the gold one;
-- `collateral`: fields where E differs from S0 that the gold actions leave alone (toggling everything changes many);
+- `done_actions` of `target_actions`: the counted gold actions, each counting the share of its fields E shows;
+- `matched_fields` of `target_fields`: end fields E holds with the gold value (the plain field share);
+- `collateral`: fields where E differs from S0 that no gold action changes (toggling everything changes many);
 - `transferred` / `gold_transfers`: whether the agent called, and the gold actions call, `transfer_to_human_agents`.
-The reward post-process turns these into credit (reward/partial_credit.py, `progress_score`). E equals S0 plus its
-differences, so only the differences are walked: equal subtrees are skipped with one `==` (pydantic compares field
-dicts in C), which is what keeps this cheap on airline's 3 MB database.
+The reward post-process turns these into credit (reward/partial_credit.py, `compute_progress_score`).
 
-Cost and placement: the engine calls `episode_progress` at episode end through `run_cpu`, where the environment
-exists (slime passes samples, not environments), and puts the figures in `EpisodeResult.progress`, which the slime
-adapter copies to `sample.metadata["progress"]`. Numbers in docs/partial_credit.md (bench/partial_credit.py).
+Cost: states are diffed against one shared base state per domain (the databases before any initialization), so a
+target keeps only its own few fields, and only differences are walked: equal subtrees are skipped with one `==`
+(pydantic compares field dicts in C). The engine calls `episode_progress` at episode end through `run_cpu`, where the
+environment exists (slime passes samples, not environments), and stores the figures in `EpisodeResult.progress`;
+the slime adapter copies them to `sample.metadata["progress"]`. Numbers: docs/partial_credit.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -46,8 +47,7 @@ if TYPE_CHECKING:
 
 TRANSFER_TOOL = "transfer_to_human_agents"  # the hand-off tool of every tau2 domain
 LISTED_FIELDS = 6  # field paths kept per list in the payload: enough to read, small enough for every sample
-TARGET_CACHE_SIZE = 4096  # tasks: telecom's full set has 2285
-INITIAL_CACHE_SIZE = 256  # initial states: airline and retail tasks all share one, telecom's are ~70 KB each
+TARGET_CACHE_SIZE = 4096  # tasks (telecom's full set has 2285); a target is a few KB
 
 Path = tuple[Any, ...]
 
@@ -128,19 +128,47 @@ def environment_state(env: Environment) -> dict[str, Any]:
     return state
 
 
+def value_at(state: Any, path: Path) -> Any:
+    """The value at a field path; ABSENT where a key or position is missing."""
+    value = state
+    for key in path:
+        children = _children(value)
+        if children is None or key not in children:
+            return ABSENT
+        value = children[key]
+    return value
+
+
 @dataclass(frozen=True)
 class ProgressTarget:
-    """What the gold actions do to a task's initial state. `initial` is shared between tasks: never mutate it."""
+    """What the gold actions do to a task's initial state. `base` is shared by a domain's tasks: never mutate it."""
 
     task_id: str
     domain: str
-    initial: dict[str, Any]
+    base: dict[str, Any]  # the domain's databases before any initialization
+    initialized: dict[Path, Any]  # fields where the task's initial state S0 differs from `base`: their S0 values
     steps: tuple[dict[Path, Any], ...]  # per gold action: the fields it changed, with their values right after it
-    final: dict[Path, Any]  # fields whose gold end value differs from the initial one, with that end value
-    initial_values: dict[Path, Any]  # initial value of every field any gold action changes
+    final: dict[Path, Any]  # fields whose gold end value differs from S0, with that end value
+    initial_values: dict[Path, Any]  # S0 value of every field any gold action changes
     counted: frozenset[int]  # gold actions whose effect the gold end state shows (see `action_shares`)
     gold_transfers: bool
     gold_errors: dict[int, str]  # position -> error of the gold actions that raised (skipped, as tau2 does)
+
+    def differences(self, env: Environment | None) -> dict[Path, tuple[Any, Any]]:
+        """{field: (S0 value, value in env)} where they differ; env None is S0 itself."""
+        if env is None:
+            return {}
+        from_base = diff_fields(self.base, environment_state(env))
+        out = {}
+        for path in from_base.keys() | self.initialized.keys():
+            base_value = from_base[path][0] if path in from_base else value_at(self.base, path)
+            start = self.initialized.get(path, base_value)
+            now = from_base[path][1] if path in from_base else base_value
+            if start is ABSENT and now is ABSENT:
+                continue
+            if start is ABSENT or now is ABSENT or start != now:
+                out[path] = (start, now)
+        return out
 
 
 class StateProgress(BaseModel):
@@ -148,8 +176,8 @@ class StateProgress(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target_actions: int = Field(ge=0, description="gold actions whose effect the state can show")
-    done_actions: float = Field(ge=0, description="their summed shares done (see `action_shares`)")
+    target_actions: int = Field(ge=0, description="gold actions whose effect the gold end state shows")
+    done_actions: float = Field(ge=0, description="their summed shares shown (see `action_shares`)")
     target_fields: int = Field(ge=0, description="fields whose gold end value differs from the initial one")
     matched_fields: int = Field(ge=0, description="of those, fields the episode left with the gold end value")
     touched_fields: int = Field(ge=0, description="fields any gold action changes, end value or on the way")
@@ -162,41 +190,42 @@ class StateProgress(BaseModel):
 
 _LOCK = threading.Lock()
 _TARGETS: OrderedDict[tuple[str, str], ProgressTarget] = OrderedDict()
-_INITIAL: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+_BASES: dict[str, dict[str, Any]] = {}
 
 
-def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> Any:
-    """Keep the first value stored under a key (two threads may build it), bounded LRU; returns the kept value."""
-    value = cache.setdefault(key, value)
-    cache.move_to_end(key)
-    while len(cache) > size:
-        cache.popitem(last=False)
-    return value
-
-
-def initial_environment(task: Task, domain: str) -> Environment:
-    """A fresh environment in the task's initial state, as tau2's evaluator builds its gold environment."""
+def _environment(domain: str, initial_state: Any) -> Environment:
     from rollout.engine import fast_env_constructor  # the engine's cached databases; imported late: it imports us
 
     env = fast_env_constructor(domain)()
-    initial = task.initial_state
     env.set_state(
-        initialization_data=initial.initialization_data if initial else None,
-        initialization_actions=initial.initialization_actions if initial else None,
-        message_history=(initial.message_history or []) if initial else [],
+        initialization_data=initial_state.initialization_data if initial_state else None,
+        initialization_actions=initial_state.initialization_actions if initial_state else None,
+        message_history=(initial_state.message_history or []) if initial_state else [],
     )
     return env
 
 
-def value_at(state: Any, path: Path) -> Any:
-    """The value at a field path; ABSENT where a key or position is missing."""
-    value = state
-    for key in path:
-        children = _children(value)
-        if children is None or key not in children:
-            return ABSENT
-        value = children[key]
-    return value
+def initial_environment(task: Task, domain: str) -> Environment:
+    """A fresh environment in the task's initial state, as tau2's evaluator builds its gold environment."""
+    return _environment(domain, task.initial_state)
+
+
+def domain_base(domain: str) -> dict[str, Any]:
+    """The domain's databases before any initialization (shared by its targets; that environment is never used)."""
+    with _LOCK:
+        base = _BASES.get(domain)
+    if base is None:
+        fresh = environment_state(_environment(domain, None))
+        with _LOCK:
+            base = _BASES.setdefault(domain, fresh)
+    return base
+
+
+def _initializes(task: Task) -> bool:
+    initial = task.initial_state
+    return initial is not None and bool(
+        initial.initialization_data or initial.initialization_actions or initial.message_history
+    )
 
 
 def _gold_call(env: Environment, action: Any) -> str | None:
@@ -207,11 +236,6 @@ def _gold_call(env: Environment, action: Any) -> str | None:
     except Exception as error:
         return f"{action.name}: {type(error).__name__}: {error}"[:300]
     return None
-
-
-def _initial_key(task: Task, domain: str) -> tuple[str, str]:
-    initial = task.initial_state
-    return domain, json.dumps(initial.model_dump(mode="json"), sort_keys=True) if initial is not None else "null"
 
 
 def _writes(env: Environment, action: Any) -> bool:
@@ -255,20 +279,16 @@ def _gold_steps(
 
 
 def progress_target(task: Task, domain: str) -> ProgressTarget:
-    """The task's target, built on first use (one or two environments replay the gold actions) and cached."""
+    """The task's target, built on first use (one to three environments replay the gold actions) and cached."""
     key = (domain, task.id)
     with _LOCK:
         cached = _TARGETS.get(key)
         if cached is not None:
             _TARGETS.move_to_end(key)
             return cached
-    initial_key = _initial_key(task, domain)
-    with _LOCK:
-        initial = _INITIAL.get(initial_key)
-    if initial is None:
-        fresh = environment_state(initial_environment(task, domain))  # that environment is never touched again
-        with _LOCK:
-            initial = _remember(_INITIAL, initial_key, fresh, INITIAL_CACHE_SIZE)
+    base = domain_base(domain)
+    initial = environment_state(initial_environment(task, domain)) if _initializes(task) else base
+    initialized = {path: now for path, (_, now) in diff_fields(base, initial).items()}
     criteria = task.evaluation_criteria
     actions = list(criteria.actions or []) if criteria is not None else []
     steps, errors, gold = _gold_steps(task, domain, actions, initial, trust_tool_types=True)
@@ -280,7 +300,8 @@ def progress_target(task: Task, domain: str) -> ProgressTarget:
     target = ProgressTarget(
         task_id=task.id,
         domain=domain,
-        initial=initial,
+        base=base,
+        initialized=initialized,
         steps=tuple(steps),
         final=final,
         initial_values=initial_values,
@@ -289,7 +310,11 @@ def progress_target(task: Task, domain: str) -> ProgressTarget:
         gold_errors=errors,
     )
     with _LOCK:
-        return _remember(_TARGETS, key, target, TARGET_CACHE_SIZE)
+        target = _TARGETS.setdefault(key, target)  # another thread may have built it meanwhile
+        _TARGETS.move_to_end(key)
+        while len(_TARGETS) > TARGET_CACHE_SIZE:
+            _TARGETS.popitem(last=False)
+    return target
 
 
 def action_shares(
@@ -341,7 +366,7 @@ def agent_tool_names(messages: Iterable[Any]) -> list[str]:
 def measure_progress(task: Task, domain: str, env: Environment | None, messages: Iterable[Any] = ()) -> StateProgress:
     """The episode's figures against the task's target; `env` None means no tool ever ran (the initial state)."""
     target = progress_target(task, domain)
-    differences = diff_fields(target.initial, environment_state(env)) if env is not None else {}
+    differences = target.differences(env)
 
     def value_of(path: Path) -> Any:
         return differences[path][1] if path in differences else target.initial_values[path]

@@ -23,6 +23,7 @@ from reward.progress import (
     TRANSFER_TOOL,
     action_shares,
     diff_fields,
+    environment_state,
     episode_progress,
     initial_environment,
     measure_progress,
@@ -115,6 +116,20 @@ def test_diff_fields_walks_tau2_models_and_expands_new_records():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_differences_through_the_shared_base_equal_a_direct_diff_from_the_initial_state():
+    """Targets keep only their own initialized fields and diff against the domain's shared base state: the result
+    must be the direct diff between the task's initial state and the episode's."""
+    rng = random.Random(3)
+    for t in telecom_tasks()[::9]:
+        target = progress_target(t, "telecom")
+        initial = initial_environment(t, "telecom")
+        for calls in (gold_calls(t), spam_calls(t, "telecom", rng, 12), []):
+            env = live_environment(t, "telecom", calls)
+            direct = diff_fields(environment_state(initial), environment_state(env))
+            assert target.differences(env) == direct, t.id
+    assert target.differences(None) == {}
+
+
 def test_target_records_each_gold_step_and_is_cached():
     t = task(APN_AND_BILL)
     target = progress_target(t, "telecom")
@@ -184,7 +199,7 @@ def test_episode_progress_never_raises():
 def test_airline_and_retail_use_the_database_as_the_state(domain, task_id):
     t = task(task_id, domain)
     target = progress_target(t, domain)
-    assert set(target.initial) == {"db"}  # no user database in these domains
+    assert set(target.base) == {"db"} and target.initialized == {}  # no user database, no initialization
     gold = gold_calls(t)
     nothing = measure_progress(t, domain, None)
     full = measure_progress(t, domain, live_environment(t, domain, gold))
