@@ -486,6 +486,16 @@ def summarize_properties(results: list[dict[str, Any] | None]) -> dict[str, Any]
             )
             values[f"{kind}_mean"] = statistics.fmean(run["shaped"][credit] for _, run in failing) if failing else 0.0
         summary[key] = values
+    summary["by_credit"] = {}
+    for credit in [*CREDITS, FIELD_SHARE]:
+        row: dict[str, Any] = {}
+        for kind in ("spam", "every"):
+            failing = [
+                (r["nothing"][credit], run) for r in graded for run in r[kind] if run is not None and not run["success"]
+            ]
+            row[f"{kind}_failing"] = len(failing)
+            row[f"{kind}_above_nothing"] = sum(1 for nothing, run in failing if run["shaped"][credit] > nothing + 1e-12)
+        summary["by_credit"][credit] = row
     return summary
 
 
@@ -752,6 +762,21 @@ def render(results: dict[str, Any]) -> str:
                 ]
             )
     lines += table(header, rows)
+    lines += ["", "Failing spam and every-tool runs above doing nothing, per credit:", ""]
+    credit_rows = []
+    for credit in [*CREDITS, FIELD_SHARE]:
+        cells: list[Any] = [credit]
+        for summary in results["properties"].values():
+            row = summary["by_credit"][credit]
+            cells += [
+                f"{row['spam_above_nothing']}/{row['spam_failing']}",
+                f"{row['every_above_nothing']}/{row['every_failing']}",
+            ]
+        credit_rows.append(cells)
+    credit_header = ["credit"]
+    for domain in results["properties"]:
+        credit_header += [f"{domain}: spam", f"{domain}: every tool"]
+    lines += table(credit_header, credit_rows)
     lines += ["", "Gold actions the end state cannot show (their step ties under the progress credit), by reason:", ""]
     for domain, summary in results["properties"].items():
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary["uncounted_reasons"].items()))
