@@ -61,6 +61,8 @@ CREDITS: dict[str, ShapingConfig] = {
     "checks + transfer guard": ShapingConfig(credit="checks", transfer_guard=True),
 }
 FIELD_SHARE = "progress by end fields (each field 1)"  # the alternative state share, from the same figures
+PER_TOUCHED = "progress, penalty per touched field"  # stray fields / fields gold touches, instead of / gold actions
+DERIVED = (FIELD_SHARE, PER_TOUCHED)
 
 
 class Settings(BaseModel):
@@ -136,9 +138,20 @@ def field_share_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return {**metadata, "progress": figures}
 
 
+def per_touched_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The same episode with the collateral penalty per field the gold actions touch instead of per gold action."""
+    figures = dict(metadata.get("progress") or {})
+    if "touched_fields" in figures:
+        figures["collateral"] = (
+            figures["collateral"] * max(1, figures["target_actions"]) / max(1, figures["touched_fields"])
+        )
+    return {**metadata, "progress": figures}
+
+
 def all_shaped(metadata: dict[str, Any]) -> dict[str, float]:
     out = {name: shaped(metadata, config) for name, config in CREDITS.items()}
     out[FIELD_SHARE] = shaped(field_share_metadata(metadata), CREDITS["progress (new default)"])
+    out[PER_TOUCHED] = shaped(per_touched_metadata(metadata), CREDITS["progress (new default)"])
     return out
 
 
@@ -487,7 +500,7 @@ def summarize_properties(results: list[dict[str, Any] | None]) -> dict[str, Any]
             values[f"{kind}_mean"] = statistics.fmean(run["shaped"][credit] for _, run in failing) if failing else 0.0
         summary[key] = values
     summary["by_credit"] = {}
-    for credit in [*CREDITS, FIELD_SHARE]:
+    for credit in [*CREDITS, *DERIVED]:
         row: dict[str, Any] = {}
         for kind in ("spam", "every"):
             failing = [
@@ -764,7 +777,7 @@ def render(results: dict[str, Any]) -> str:
     lines += table(header, rows)
     lines += ["", "Failing spam and every-tool runs above doing nothing, per credit:", ""]
     credit_rows = []
-    for credit in [*CREDITS, FIELD_SHARE]:
+    for credit in [*CREDITS, *DERIVED]:
         cells: list[Any] = [credit]
         for summary in results["properties"].values():
             row = summary["by_credit"][credit]

@@ -11,10 +11,10 @@ weighted mean of the fractions of checks met, one fraction per component:
 | `nl_assertion`  | `nl_assertions`         | assertions with `met`                 | NL_ASSERTION          |
 | `db`            | `db_check`              | 1.0 if `db_match` else 0.0            | DB                    |
 
-Weights (`PartialWeights`, default 1/1/1/1 and `db` 0) are renormalized over the components the episode actually
-has: telecom has no communicate checks, so the communicate weight dilutes nothing there. `db` defaults to 0 because
-the DB hash either matches or not, and where it is graded (airline, retail) a match is almost the success itself:
-it adds no gradation.
+Weights (`PartialWeights`, default 1/1/1/1 and `db` 0; `state` belongs to the progress credit) are renormalized over the
+components the episode actually has: telecom has no communicate checks, so the communicate weight dilutes nothing there.
+`db` defaults to 0 because the DB hash either matches or not, and where it is graded (airline, retail) a match is almost
+the success itself: it adds no gradation.
 
 Only checks tau2 grades count. tau2 fills `action_checks` for every task with expected actions, also when
 `reward_basis` lacks ACTION (94 of 114 telecom base tasks, every airline and retail task). Those checks are left out:
@@ -31,6 +31,12 @@ RewardInfo without a `reward_basis` (unknown grading) counts every check it has.
 A component already met at the start of the episode (some telecom tasks assert the line stays without service)
 gives every attempt of that task the same credit; GRPO subtracts the group mean of one task's attempts, so such a
 constant never reaches the advantage.
+
+The progress credit (`compute_progress_score`, the reward post-process's default) replaces the end-state checks (env
+assertions, the DB match) by the share of the task's gold actions the episode's end state shows (reward/progress.py)
+and keeps the graded checks that are about the conversation (action, communicate, NL assertions): on telecom, where
+the env assertions judge only the final outcome, half the fixes then score between none and all of them. Weight
+`state` (TAU2_PARTIAL_W_STATE) applies to it only.
 
 `checks_ignoring_termination` exists because tau2 returns reward 0 and no sub-checks at all for episodes that did not
 end with agent_stop / user_stop (tau2-bench issue #82): it re-runs tau2's own evaluator as if the episode had ended

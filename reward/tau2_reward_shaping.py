@@ -11,6 +11,8 @@ What the rollout puts on each sample (the contract this module reads):
 - `sample.metadata["truncated_checks"]`: for episodes that did not end with agent_stop / user_stop, the RewardInfo
   dump from `reward.partial_credit.checks_ignoring_termination` (tau2 gives those reward 0 and no sub-checks);
   None otherwise.
+- `sample.metadata["progress"]`: the end state's progress figures (`reward.progress.StateProgress` dump), measured by
+  the engine on the episode's own environment; {"error": ...} if that failed; absent from older rollouts.
 - `sample.metadata["turns"]` (policy turns), `["tool_calls"]` (agent tool calls), `["tool_errors"]`, `["task_id"]`,
   `["domain"]`, `["subtask"]`.
 
@@ -18,19 +20,44 @@ Shaping: `shaped = success + alpha * partial`, where
 - `success` is 1.0 when tau2's reward is >= 1 - 1e-6 (tau2's own success threshold) and 0.0 otherwise, NaN and
   None included. tau2's reward is a product of 0/1 checks, so this loses nothing on its domains, and it is what makes
   the ordering below hold for any input;
-- `partial = max(0, score * d - turn_penalty * turns)`, `score` from `compute_partial_score` on `reward_info`
-  (normal end) or on `truncated_checks` (any other end, falling back to `reward_info`), `d = truncation_discount`
-  for those and 1 otherwise, `turns` the policy turns (garbage or negative -> 0).
+- `partial = max(0, credit * d - turn_penalty * turns)`, `d = truncation_discount` for episodes that did not end with
+  agent_stop / user_stop and 1 otherwise, `turns` the policy turns (garbage or negative -> 0), and `credit` one of
+  (`TAU2_PARTIAL_CREDIT`):
+  - `progress` (default), `reward.partial_credit.compute_progress_score`: the share of the task's gold actions the end
+    state shows (reward/progress.py: gold actions replayed on the initial state give each action's effect on the
+    agent's database and the user's device), averaged with the graded checks that are not about the end state
+    (telecom's transfer action check; airline's and retail's communicate checks), minus `collateral_penalty` times
+    the fields the episode changed that no gold action changes, per gold action. A sample without usable progress
+    figures gets the checks credit (`metadata["partial_credit"]` says which one was used);
+  - `checks`, `reward.partial_credit.compute_partial_score`: the weighted share of tau2's graded sub-checks met (env
+    assertions, graded actions, communicate, NL assertions).
+  Either reads `reward_info` for a normal end and `truncated_checks` for any other (falling back to `reward_info`).
+- With `transfer_guard` on, an episode that called transfer_to_human_agents on a task whose gold actions do not
+  transfer gets credit 0 (its success, if tau2 grades one, stays).
+
+Why progress is the default (docs/partial_credit.md, bench/partial_credit.py, real tasks and tau2's evaluator):
+telecom's env assertions judge only the final outcome, so with the checks credit the first half of the gold fixes
+scores exactly what doing nothing scores. On every telecom train and test task (114), each gold step the state can
+show raises the progress credit: {PROG_UP} steps; the checks credit rises on {OLD_UP} of the same steps. The only
+ties are steps no state-based credit can see: the transfer of the 20 transfer-only tasks (the whole task) and 4
+repeated reboots that change nothing. On synthetic all-fail groups of a weak policy (prefixes and shuffles of gold
+actions, noise calls, premature transfers, truncations) {PROG_SIGNAL} of telecom groups get a gradient under progress
+against {OLD_SIGNAL} under checks, and the within-group rank correlation with true progress is {PROG_RHO} against
+{OLD_RHO}. The CPU model (SmolLM2-135M) makes no tool call in its rollouts: neither credit has anything to grade there.
 
 Guarantees, for every input (asserted in `shape_reward`, tested with hypothesis):
-- Bounds: partial in [0, 1] (a clamped weighted mean times d <= 1, minus a non-negative penalty, floored at 0), so
+- Bounds: partial in [0, 1] (a clamped credit times d <= 1, minus a non-negative penalty, floored at 0), so
   shaped in [0, 1 + alpha].
 - Any success scores strictly above any failure: success >= 1 + alpha * 0 = 1, failure <= 0 + alpha * 1 = alpha, and
-  alpha < 1 is enforced. This needs nothing of reward_info: a success whose partial is below 1 (odd weights, a
-  turn penalty, a RewardInfo with unmet checks) still scores >= 1.
+  alpha < 1 is enforced. This needs nothing of the credit: a success whose partial is below 1 (odd weights, a
+  turn penalty, stray changes, unmet checks) still scores >= 1.
 - Partial credit never grows with turn or tool-call count: tool calls are not read at all, turns enter only through
-  the non-negative penalty. The checks themselves cannot be farmed either: each is a fraction of a fixed list,
-  and the action checks tau2 does not grade (telecom's name-only device fixes) are not counted.
+  the non-negative penalty. Neither credit can be farmed by calling tools: the checks credit counts fractions of fixed
+  lists (and leaves out the action checks tau2 does not grade, telecom's name-only device fixes); the progress
+  credit reads only the end state, and every field changed that no gold action changes costs one gold action's
+  worth (calling every tool once scores above doing nothing in {EVERY_ABOVE} failing telecom runs).
+- Truncated episodes keep the discount: the same end state and checks, cut, score `truncation_discount` times the
+  credit of a normal end.
 
 Defaults:
 - `alpha = 0.5`: a failure can earn at most half the success bonus, so the best near miss stays 0.5 below any
@@ -42,9 +69,13 @@ Defaults:
   mode); at 0 truncated episodes get tau2's flat zero and no gradient toward progress.
 - `turn_penalty = 0.0`: off; turn count is already not rewarded. Raising it favours shorter successes and never
   breaks the success/failure ordering because it only lowers the partial term.
-Environment: TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,
-DB,NL}; unset or empty keeps the default, anything else invalid raises a ValueError naming the variable. Set them in
-the Ray job's runtime-env env_vars: Ray workers do not inherit the shell's environment.
+- `credit = progress`, above.
+- `collateral_penalty = 1.0`: {PENALTY_JUSTIFICATION}
+- `transfer_guard = off`: {GUARD_JUSTIFICATION}
+Environment: TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_PARTIAL_CREDIT (progress | checks),
+TAU2_COLLATERAL_PENALTY, TAU2_TRANSFER_GUARD (1/0, true/false, yes/no, on/off), TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,
+DB,NL,STATE}; unset or empty keeps the default, anything else invalid raises a ValueError naming the variable. Set
+them in the Ray job's runtime-env env_vars: Ray workers do not inherit the shell's environment.
 
 Normalization (slime skips its own when a custom post-process is given):
 - groups by `sample.group_index`, never by reshaping the flat list;
@@ -61,9 +92,9 @@ Normalization (slime skips its own when a custom post-process is given):
 
 Returns (raw_rewards, rewards): raw = shaped before normalization (0.0 for samples without a reward), rewards = the
 advantages. Each sample's metadata gets `raw_reward` (tau2's task reward, 0.0 where there is none), `partial_score`,
-`partial_components`, `shaped_reward`, `advantage` and `reward_valid`. slime keeps the returned raw list as the
-batch's raw reward unless the samples carry `metadata["raw_reward"]`, which then wins: the logged raw reward is
-tau2's own, i.e. the honest success rate, while the shaped values stay in the returned list and in
+`partial_components`, `partial_credit` (the credit used), `shaped_reward`, `advantage` and `reward_valid`. slime keeps
+the returned raw list as the batch's raw reward unless the samples carry `metadata["raw_reward"]`, which then wins: the
+logged raw reward is tau2's own, i.e. the honest success rate, while the shaped values stay in the returned list and in
 `metadata["shaped_reward"]`. `reward_valid` False marks the samples left out of the statistics (removed, aborted,
 failed, no reward), so a log can leave them out of the success rate too.
 """
@@ -178,8 +209,9 @@ def is_success(task_reward: Any) -> bool:
     return reward is not None and reward >= SUCCESS_THRESHOLD
 
 
-def partial_credit(metadata: Mapping[str, Any], config: ShapingConfig) -> tuple[float, dict[str, float], str]:
-    """(credit before discount and turn penalty, components, which credit was used) for one episode.
+def partial_credit(metadata: Mapping[str, Any], config: ShapingConfig) -> tuple[float, dict[str, float]]:
+    """(credit before discount and turn penalty, components) for one episode; the progress credit's components
+    include `state`.
 
     The checks come from `reward_info` (normal end) or `truncated_checks` (any other end, falling back to
     `reward_info`); the progress credit also reads `progress`, and falls back to the checks credit when the sample
@@ -195,13 +227,12 @@ def partial_credit(metadata: Mapping[str, Any], config: ShapingConfig) -> tuple[
     scored = None
     if config.credit == "progress":
         scored = compute_progress_score(reward_info, progress, config.weights, config.collateral_penalty)
-    used = "progress" if scored is not None else "checks"
     score, components = scored if scored is not None else compute_partial_score(reward_info, config.weights)
     if config.transfer_guard:
         figures = progress_figures(progress)
         if figures is not None and figures["transferred"] and not figures["gold_transfers"]:
             score, components = 0.0, {**components, "transfer_guard": 1.0}
-    return score, components, used
+    return score, components
 
 
 def shape_reward(
@@ -217,7 +248,7 @@ def shape_reward(
     termination = metadata.get("termination_reason")
     if termination is not None and not is_normal_termination(termination):
         discount = config.truncation_discount
-    score, components, _ = partial_credit(metadata, config)
+    score, components = partial_credit(metadata, config)
     partial = max(0.0, score * discount - config.turn_penalty * _count(metadata.get("turns")))
     success = 1.0 if is_success(task_reward) else 0.0
     shaped = success + config.alpha * partial
