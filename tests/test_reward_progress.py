@@ -398,3 +398,66 @@ def test_prefixes_of_any_gold_path_score_in_order(initial, program):
     for k in range(len(states) - 1):
         if any(i >= k for i in counted):
             assert scores[k] < len(counted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real model's rollouts (slow)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_rollouts_carry_progress_figures_to_the_post_process(
+    cpu_policy_server, smollm2_model_dir, monkeypatch
+):
+    """SmolLM2-135M through slime's generate function and the reward post-process: each sample's progress figures are
+    those of its own trajectory replayed on a fresh environment, and the progress credit is the one used."""
+    from slime_standins import Sample, slime_args, slime_sampling_params
+    from tau2.data_model.simulation import SimulationRun
+
+    from reward.tau2_reward_shaping import tau2_reward_post_process
+    from rollout import generate_with_tau
+
+    budget = 96
+    for name, value in {
+        "TAU2_USER_KIND": "scripted",
+        "TAU2_POLICY_VARIANT": "compact",
+        "TAU2_MAX_TURNS": "2",
+        "TAU2_KEEP_TRAJECTORY": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TAU2_POLICY_URL", raising=False)
+    monkeypatch.delenv("TAU2_PARTIAL_CREDIT", raising=False)
+    t = task(DATA_AND_ROAMING)
+    port = int(cpu_policy_server.rsplit(":", 1)[1])
+    args = slime_args(str(smollm2_model_dir), port, rollout_max_response_len=budget, n_samples_per_prompt=2)
+    samples = [
+        Sample(group_index=0, index=i, prompt=0, metadata={"domain": "telecom", "task_id": t.id}) for i in range(2)
+    ]
+
+    async def run_all():
+        try:
+            return await asyncio.gather(
+                *(generate_with_tau.generate(args, s, slime_sampling_params(budget)) for s in samples)
+            )
+        finally:
+            await generate_with_tau.close_clients()
+
+    out = asyncio.run(run_all())
+    tau2_reward_post_process(args, out)
+    for sample in out:
+        metadata = sample.metadata
+        assert sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED), metadata.get("failure")
+        assert metadata["partial_credit"] == "progress" and "state" in metadata["partial_components"]
+        simulation = SimulationRun.model_validate(
+            {
+                "id": "replay",
+                "task_id": t.id,
+                "start_time": "",
+                "end_time": "",
+                "duration": 0.0,
+                "termination_reason": "max_steps",
+                "messages": metadata["tau2_messages"],
+            }
+        )
+        assert progress_of_simulation(simulation, t, "telecom").model_dump(mode="json") == metadata["progress"]
+        assert metadata["progress"]["target_actions"] == len(progress_target(t, "telecom").counted)
