@@ -46,7 +46,7 @@ from reward.progress import TRANSFER_TOOL, initial_environment, measure_progress
 from reward.tau2_reward_shaping import ShapingConfig, shape_reward  # noqa: E402
 from rollout.engine import fast_env_constructor  # noqa: E402
 from rollout.task_store import get_task_store  # noqa: E402
-from tests.tau2_gold import TerminationReason, ToolCall, gold_simulation, tau2_verdict  # noqa: E402
+from tests.tau2_gold import AssistantMessage, TerminationReason, ToolCall, gold_simulation, tau2_verdict  # noqa: E402
 
 KEEP_HEADING = "## Design and choices"  # from this heading on, the output file is hand-written and kept
 Call = tuple[str, str, dict[str, Any]]  # (requestor, tool name, arguments)
@@ -104,10 +104,15 @@ def gold_calls(task: Any) -> list[Call]:
 def play(task: Any, domain: str, calls: Sequence[Call], termination: str = "user_stop") -> dict[str, Any] | None:
     """The sample metadata the rollout would write for an episode making `calls` (plus its task reward); None when
     tau2's evaluator cannot replay the trajectory (telecom's refuel_data names a new bill with a random id, so a
-    later bill look-up replays differently: the engine reports such an episode as failed)."""
+    later bill look-up replays differently: the engine reports such an episode as failed). Before its closing line
+    the agent states the task's communicate_info (airline, retail), so the gold actions succeed and the comparison is
+    about the actions: every episode meets those checks alike."""
     gold = task.evaluation_criteria.actions or []
     reason = TerminationReason(termination)
     simulation = gold_simulation(task, domain, skip=range(len(gold)), termination=reason, extra=list(calls))
+    if task.evaluation_criteria.communicate_info:
+        said = AssistantMessage(role="assistant", content=" ".join(task.evaluation_criteria.communicate_info))
+        simulation.messages.insert(len(simulation.messages) - 2, said)
     try:
         verdict = tau2_verdict(simulation, task, domain)
     except Exception:  # the episode tau2 cannot grade is left out, and counted
@@ -436,10 +441,13 @@ def check_task(task: Any, domain: str, rng: random.Random, settings: Settings) -
                 "partial_new": shape_reward(episodes[k], 0.0, CREDITS["progress (new default)"])[1],
             }
         )
+    truncated_full = play(task, domain, gold, termination="max_steps")
     return {
         "task_id": task.id,
         "n": len(gold),
         "steps": steps,
+        "half": prefixes[len(gold) // 2],
+        "truncated_full": all_shaped(truncated_full) if truncated_full is not None else None,
         "full": prefixes[-1],
         "full_success": episodes[-1]["reward"] >= 1.0 - 1e-6,
         "nothing": prefixes[0],
@@ -486,6 +494,17 @@ def summarize_properties(results: list[dict[str, Any] | None]) -> dict[str, Any]
             "k_below_n": below_full,
             "k_not_below_n": not_below_full,
             "nothing_mean": statistics.fmean(r["nothing"][credit] for r in graded) if graded else 0.0,
+        }
+        halves = [r for r in graded if r["n"] >= 2]
+        values["half_tasks"] = len(halves)
+        values["half_above_nothing"] = sum(1 for r in halves if r["half"][credit] > r["nothing"][credit] + 1e-12)
+        values["half_mean"] = statistics.fmean(r["half"][credit] for r in halves) if halves else 0.0
+        pairs = [(r["half"][credit], r["truncated_full"][credit]) for r in halves if r["truncated_full"] is not None]
+        values["half_vs_truncated_full"] = {
+            "pairs": len(pairs),
+            "half_higher": sum(1 for half, cut in pairs if half > cut + 1e-12),
+            "equal": sum(1 for half, cut in pairs if abs(half - cut) <= 1e-12),
+            "truncated_full_higher": sum(1 for half, cut in pairs if cut > half + 1e-12),
         }
         for kind in ("spam", "every"):
             runs = [(r["nothing"][credit], run) for r in graded for run in r[kind]]
@@ -730,9 +749,9 @@ def render(results: dict[str, Any]) -> str:
         "Per task: the first k gold actions for every k (a proper end), nothing at all, random tool spam (calls of"
         " random tools of the domain, the agent's and the user's, each argument drawn from the task's own values, a few"
         " other tasks' values and domain defaults) and every tool of the domain once. A step is k-1 -> k; 'steps the"
-        " state can show' leaves out the gold actions listed below. 'k < n below n' compares shaped rewards (the"
-        " success bonus alone guarantees it); the progress credit itself stays below 1 for k < n wherever the last"
-        " missing actions can be shown. Spam and every-tool columns: failing runs (the shaped reward of a success"
+        " state can show' leaves out the gold actions listed below. 'k < n below n' compares shaped rewards; the"
+        " exceptions are prefixes that already succeed (airline and retail tasks whose remaining gold actions are"
+        " look-ups). Spam and every-tool columns: failing runs (the shaped reward of a success"
         " outranks everything anyway) scoring above doing nothing, and their mean shaped reward.",
         "",
     ]
@@ -775,6 +794,38 @@ def render(results: dict[str, Any]) -> str:
                 ]
             )
     lines += table(header, rows)
+    lines += [
+        "",
+        "The first half of the gold actions (k = n // 2, tasks with n >= 2) ended properly, against doing nothing and"
+        " against all gold actions in an episode that never ends (truncated at max_steps):",
+        "",
+    ]
+    half_rows = []
+    for domain, summary in results["properties"].items():
+        for key, name in (("old", "checks (old)"), ("new", "progress (new)")):
+            v = summary[key]
+            cut = v["half_vs_truncated_full"]
+            half_rows.append(
+                [
+                    domain,
+                    name,
+                    f"{v['half_above_nothing']}/{v['half_tasks']}",
+                    v["half_mean"],
+                    v["nothing_mean"],
+                    f"{cut['half_higher']} / {cut['equal']} / {cut['truncated_full_higher']}",
+                ]
+            )
+    lines += table(
+        (
+            "domain",
+            "credit",
+            "half above nothing",
+            "half (mean shaped)",
+            "nothing (mean shaped)",
+            "half vs all-but-never-ended: higher / equal / lower",
+        ),
+        half_rows,
+    )
     lines += ["", "Failing spam and every-tool runs above doing nothing, per credit:", ""]
     credit_rows = []
     for credit in [*CREDITS, *DERIVED]:

@@ -35,15 +35,17 @@ Shaping: `shaped = success + alpha * partial`, where
 - With `transfer_guard` on, an episode that called transfer_to_human_agents on a task whose gold actions do not
   transfer gets credit 0 (its success, if tau2 grades one, stays).
 
-Why progress is the default (docs/partial_credit.md, bench/partial_credit.py, real tasks and tau2's evaluator):
-telecom's env assertions judge only the final outcome, so with the checks credit the first half of the gold fixes
-scores exactly what doing nothing scores. On every telecom train and test task (114), each gold step the state can
-show raises the progress credit: {PROG_UP} steps; the checks credit rises on {OLD_UP} of the same steps. The only
-ties are steps no state-based credit can see: the transfer of the 20 transfer-only tasks (the whole task) and 4
-repeated reboots that change nothing. On synthetic all-fail groups of a weak policy (prefixes and shuffles of gold
-actions, noise calls, premature transfers, truncations) {PROG_SIGNAL} of telecom groups get a gradient under progress
-against {OLD_SIGNAL} under checks, and the within-group rank correlation with true progress is {PROG_RHO} against
-{OLD_RHO}. The CPU model (SmolLM2-135M) makes no tool call in its rollouts: neither credit has anything to grade there.
+Why progress is the default (docs/partial_credit.md, written by bench/partial_credit.py on every train and test task
+with real environments and tau2's evaluator): telecom's env assertions judge only the final outcome, so under the
+checks credit the first half of a task's fixes often scores exactly what doing nothing scores. Over all 114 telecom
+tasks, adding one more gold action raises the progress credit at all 492 steps the end state can show, the checks
+credit at 144. The 24 other steps cannot be shown by any end state: the transfer of the 20 transfer-only tasks (the
+whole task, graded by tau2's action check) and 4 repeated reboots that change nothing. In all-fail groups a weak
+policy would produce (gold prefixes and shuffles, noise calls, premature transfers, truncations), every telecom group
+gets a gradient (checks: 73%) and the within-group rank correlation between shaped reward and true progress is 0.69
+(checks: 0.39); airline 0.23 (0.02), retail 0.26 (-0.08). The CPU model (SmolLM2-135M) makes no tool call in its
+rollouts, so neither credit has anything to grade there. Cost per episode at its end: 0.2 ms on telecom (tau2's
+evaluation 1.3 ms), 27 ms on airline (549 ms), 13 ms on retail (195 ms); a target is built once per task.
 
 Guarantees, for every input (asserted in `shape_reward`, tested with hypothesis):
 - Bounds: partial in [0, 1] (a clamped credit times d <= 1, minus a non-negative penalty, floored at 0), so
@@ -55,7 +57,7 @@ Guarantees, for every input (asserted in `shape_reward`, tested with hypothesis)
   the non-negative penalty. Neither credit can be farmed by calling tools: the checks credit counts fractions of fixed
   lists (and leaves out the action checks tau2 does not grade, telecom's name-only device fixes); the progress
   credit reads only the end state, and every field changed that no gold action changes costs one gold action's
-  worth (calling every tool once scores above doing nothing in {EVERY_ABOVE} failing telecom runs).
+  worth (calling every tool once beats doing nothing in 2 of 87 failing telecom runs; checks: 6).
 - Truncated episodes keep the discount: the same end state and checks, cut, score `truncation_discount` times the
   credit of a normal end.
 
@@ -70,8 +72,13 @@ Defaults:
 - `turn_penalty = 0.0`: off; turn count is already not rewarded. Raising it favours shorter successes and never
   breaks the success/failure ordering because it only lowers the partial term.
 - `credit = progress`, above.
-- `collateral_penalty = 1.0`: {PENALTY_JUSTIFICATION}
-- `transfer_guard = off`: {GUARD_JUSTIFICATION}
+- `collateral_penalty = 1.0`: without it calling every tool once beats doing nothing in 84 of 87 failing telecom
+  runs, at 1 in 2, at 2 in none; the within-group rank correlation with true progress (which ignores what noise
+  calls change) falls from 0.85 to 0.69 and 0.61 with it. 1 keeps toggling-everything out at a moderate cost.
+- `transfer_guard = off`: under the progress credit a transfer earns nothing by itself (after the same fixes,
+  ending and transferring score the same in all 496 telecom pairs), and the guard would erase real fixes followed by
+  a transfer (402 of those pairs), cutting the rank correlation from 0.69 to 0.52. Turn it on if the transfer rate
+  logged during training climbs on tasks that need no transfer.
 Environment: TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_PARTIAL_CREDIT (progress | checks),
 TAU2_COLLATERAL_PENALTY, TAU2_TRANSFER_GUARD (1/0, true/false, yes/no, on/off), TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,
 DB,NL,STATE}; unset or empty keeps the default, anything else invalid raises a ValueError naming the variable. Set

@@ -73,6 +73,8 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     assert new["drops"] == 0 and new["counted_up"] == new["counted_steps"] > 0  # every showable step counts
     assert new["counted_up"] >= old["counted_up"]
     assert new["spam_runs"] == 3 and new["every_runs"] == 3
+    assert new["half_above_nothing"] == new["half_tasks"] == 3  # half the gold fixes beat none
+    assert new["half_vs_truncated_full"]["pairs"] == 3
 
     signal = results["synthetic"]["telecom"]
     assert signal["groups"] == 3 and set(signal["credits"]) >= {"checks (old)", "progress (new default)"}
