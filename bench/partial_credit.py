@@ -499,6 +499,7 @@ def summarize_properties(results: list[dict[str, Any] | None]) -> dict[str, Any]
         values["half_tasks"] = len(halves)
         values["half_above_nothing"] = sum(1 for r in halves if r["half"][credit] > r["nothing"][credit] + 1e-12)
         values["half_mean"] = statistics.fmean(r["half"][credit] for r in halves) if halves else 0.0
+        values["half_nothing_mean"] = statistics.fmean(r["nothing"][credit] for r in halves) if halves else 0.0
         pairs = [(r["half"][credit], r["truncated_full"][credit]) for r in halves if r["truncated_full"] is not None]
         values["half_vs_truncated_full"] = {
             "pairs": len(pairs),
@@ -811,7 +812,7 @@ def render(results: dict[str, Any]) -> str:
                     name,
                     f"{v['half_above_nothing']}/{v['half_tasks']}",
                     v["half_mean"],
-                    v["nothing_mean"],
+                    v["half_nothing_mean"],
                     f"{cut['half_higher']} / {cut['equal']} / {cut['truncated_full_higher']}",
                 ]
             )
@@ -949,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="all numbers as JSON")
     parser.add_argument("--rollouts", type=Path, nargs="*", default=[], help="cpu_rollout_batch.py --output files")
     parser.add_argument("--rollout-source", default=None, help="one line on how the rollout files were made")
+    parser.add_argument("--from-json", type=Path, default=None, help="re-render a run's --json output, no new runs")
     opts = parser.parse_args(argv)
     settings = QUICK if opts.quick else Settings()
     if opts.settings:
@@ -956,7 +958,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in opts.rollouts:
         if not path.exists():
             parser.error(f"no rollout file at {path}; write one with examples/cpu_rollout_batch.py --output")
-    results = run(settings, opts.quick, opts.rollouts, opts.rollout_source)
+    if opts.from_json:
+        results = json.loads(opts.from_json.read_text())
+        for domain, summary in results["properties"].items():
+            task_results = summary["task_results"]
+            results["properties"][domain] = {**summarize_properties(task_results), "task_results": task_results}
+    else:
+        results = run(settings, opts.quick, opts.rollouts, opts.rollout_source)
     report = render(results)
     print(report)
     if opts.out:

@@ -36,16 +36,17 @@ Shaping: `shaped = success + alpha * partial`, where
   transfer gets credit 0 (its success, if tau2 grades one, stays).
 
 Why progress is the default (docs/partial_credit.md, written by bench/partial_credit.py on every train and test task
-with real environments and tau2's evaluator): telecom's env assertions judge only the final outcome, so under the
-checks credit the first half of a task's fixes often scores exactly what doing nothing scores. Over all 114 telecom
-tasks, adding one more gold action raises the progress credit at all 492 steps the end state can show, the checks
-credit at 144. The 24 other steps cannot be shown by any end state: the transfer of the 20 transfer-only tasks (the
-whole task, graded by tau2's action check) and 4 repeated reboots that change nothing. In all-fail groups a weak
-policy would produce (gold prefixes and shuffles, noise calls, premature transfers, truncations), every telecom group
-gets a gradient (checks: 73%) and the within-group rank correlation between shaped reward and true progress is 0.69
-(checks: 0.39); airline 0.23 (0.02), retail 0.26 (-0.08). The CPU model (SmolLM2-135M) makes no tool call in its
-rollouts, so neither credit has anything to grade there. Cost per episode at its end: 0.2 ms on telecom (tau2's
-evaluation 1.3 ms), 27 ms on airline (549 ms), 13 ms on retail (195 ms); a target is built once per task.
+with real environments and tau2's evaluator): telecom's env assertions judge only the final outcome, so under the checks
+credit the first half of a task's gold actions, ended properly, beats doing nothing on 5 of the 94 telecom tasks with
+two or more; the progress credit on all 94. Over all 114 telecom tasks, adding one more gold action raises the progress
+credit at all 492 steps the end state can show, the checks credit at 144. The 24 other steps cannot be shown by any end
+state: the transfer of the 20 transfer-only tasks (the whole task, graded by tau2's action check) and 4 repeated reboots
+that change nothing. In all-fail groups a weak policy would produce (gold prefixes and shuffles, noise calls, premature
+transfers, truncations), every telecom group gets a gradient (checks: 73%) and the within-group rank correlation between
+shaped reward and true progress is 0.69 (checks: 0.39); airline 0.23 (0.02), retail 0.26 (-0.08). The CPU model
+(SmolLM2-135M) makes no tool call in its rollouts, so neither credit has anything to grade there. Cost per episode at
+its end: 0.23 ms on telecom (tau2's evaluation 1.5 ms), 32 ms on airline (656 ms), 15 ms on retail (244 ms); a target is
+built once per task.
 
 Guarantees, for every input (asserted in `shape_reward`, tested with hypothesis):
 - Bounds: partial in [0, 1] (a clamped credit times d <= 1, minus a non-negative penalty, floored at 0), so

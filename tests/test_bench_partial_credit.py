@@ -86,3 +86,15 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     guard = results["guard"]
     assert guard["progress + transfer guard"]["transfer_higher"] == 0
     assert guard["progress + transfer guard"]["transfer_lower"] > 0
+
+    # The report can be re-rendered from the numbers alone.
+    again = tmp_path / "again.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-json", str(data), "--out", str(again)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert again.read_text() == report[: report.index("\n## Design and choices")]
