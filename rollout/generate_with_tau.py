@@ -268,6 +268,7 @@ def episode_metadata(result: Any, agent: Any, evaluation: bool, task: Any = None
         "termination_reason": result.termination_reason,
         "reward_info": result.reward_info,
         "truncated_checks": result.truncated_checks,
+        "progress": result.progress,
         "turns": result.turns,
         "steps": result.steps,
         "tool_calls": result.tool_calls,
