@@ -53,8 +53,9 @@ _LOGGED: set[tuple[str, str]] = set()
 
 TRANSFER_TOOL = "transfer_to_human_agents"
 # Per-episode metadata this module writes: cleared when a sample is played again (partial-rollout re-entry).
+# The row's own keys (task, task_id, domain) say which task to play, so they are never cleared.
 EPISODE_KEYS = (
-    "task_id", "domain", "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
+    "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
     "truncated_checks", "progress", "turns", "steps", "tool_calls", "tool_errors", "invalid_turns", "user_tool_calls",
     "transferred", "gold_transfer", "budget_hit", "turn_cap_hits", "policy_tokens", "policy_latency_s", "user_tokens",
     "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",

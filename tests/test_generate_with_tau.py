@@ -434,3 +434,19 @@ def test_every_key_an_episode_and_its_reward_write_is_cleared_on_reentry(tok, mo
     written = set(out.metadata) - set(row["metadata"])
     assert {"progress", "partial_credit", "shaped_reward", "turns"} <= written  # the check sees real writes
     assert written <= set(generate_with_tau.EPISODE_KEYS), sorted(written - set(generate_with_tau.EPISODE_KEYS))
+
+
+def test_a_replayed_sample_plays_its_own_task_again(tok, model_dir, scripted_env):
+    """Re-entry clears the last play but never the row's task: a sample naming its task by id alone (no embedded
+    task, a text prompt) plays that task on the first and on the second play."""
+    row = _rows()[5]
+    task = get_task_store().get("telecom", row["metadata"]["task_id"])
+    assert task.id != _rows()[0]["metadata"]["task_id"]  # a fallback to row 0 would show
+    assert not {"task", "task_id", "domain"} & set(generate_with_tau.EPISODE_KEYS)
+    sample = Sample(prompt="a prompt text", metadata={"domain": "telecom", "task_id": task.id})
+    texts = gold_script_texts(task, solo_mode=False)
+    for _ in range(2):
+        with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
+            out = _generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
+        assert out.status == Sample.Status.COMPLETED, out.metadata.get("failure")
+        assert out.metadata["task_id"] == task.id and out.reward == 1.0
