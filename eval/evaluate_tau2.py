@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget_help = "token budget of an episode, as in GRPO (rollout/budgets.py)"
     a.add_argument("--max-response-tokens", type=_positive_int, default=EPISODE_TOKENS, help=budget_help)
     a.add_argument("--max-context-tokens", type=_positive_int, help="default: the server's max_model_len if reported")
+    a.add_argument(
+        "--max-tokens-per-turn",
+        type=_positive_int,
+        help="cap on one policy turn (default $TAU2_MAX_TOKENS_PER_TURN or 1024)",
+    )
     a.add_argument("--max-steps", type=_positive_int, help="tau2 max_steps (default $TAU2_MAX_STEPS or 200)")
     a.add_argument("--max-errors", type=_positive_int, help="tau2 max_errors (default $TAU2_MAX_ERRORS or 10)")
     a.add_argument("--max-turns", type=_positive_int, help="cap on policy turns (default none)")
@@ -312,7 +317,7 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
 
 def episode_config(args: argparse.Namespace, solo_mode: bool) -> Any:
     overrides: dict[str, Any] = {"domain": args.domain, "solo_mode": solo_mode}
-    for flag in ("max_steps", "max_errors", "max_turns", "policy_variant", "episode_timeout_s"):
+    for flag in ("max_steps", "max_errors", "max_turns", "max_tokens_per_turn", "policy_variant", "episode_timeout_s"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
@@ -336,6 +341,7 @@ def hashed_config(run_config: dict[str, Any]) -> dict[str, Any]:
         "max_errors": episode["max_errors"],
         "max_turns": episode["max_turns"],
         "max_tool_calls_per_turn": episode["max_tool_calls_per_turn"],
+        "max_tokens_per_turn": episode.get("max_tokens_per_turn"),
         "policy_variant": episode["policy_variant"],
         "temperature": sampling["temperature"],
         "top_p": sampling["top_p"],

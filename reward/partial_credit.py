@@ -11,10 +11,10 @@ weighted mean of the fractions of checks met, one fraction per component:
 | `nl_assertion`  | `nl_assertions`         | assertions with `met`                 | NL_ASSERTION          |
 | `db`            | `db_check`              | 1.0 if `db_match` else 0.0            | DB                    |
 
-Weights (`PartialWeights`, default 1/1/1/1 and `db` 0) are renormalized over the components the episode actually
-has: telecom has no communicate checks, so the communicate weight dilutes nothing there. `db` defaults to 0 because
-the DB hash either matches or not, and where it is graded (airline, retail) a match is almost the success itself:
-it adds no gradation.
+Weights (`PartialWeights`, default 1/1/1/1 and `db` 0; `state` belongs to the progress credit) are renormalized over the
+components the episode actually has: telecom has no communicate checks, so the communicate weight dilutes nothing there.
+`db` defaults to 0 because the DB hash either matches or not, and where it is graded (airline, retail) a match is almost
+the success itself: it adds no gradation.
 
 Only checks tau2 grades count. tau2 fills `action_checks` for every task with expected actions, also when
 `reward_basis` lacks ACTION (94 of 114 telecom base tasks, every airline and retail task). Those checks are left out:
@@ -31,6 +31,12 @@ RewardInfo without a `reward_basis` (unknown grading) counts every check it has.
 A component already met at the start of the episode (some telecom tasks assert the line stays without service)
 gives every attempt of that task the same credit; GRPO subtracts the group mean of one task's attempts, so such a
 constant never reaches the advantage.
+
+The progress credit (`compute_progress_score`, the reward post-process's default) replaces the end-state checks (env
+assertions, the DB match) by the share of the task's gold actions the episode's end state shows (reward/progress.py)
+and keeps the graded checks that are about the conversation (action, communicate, NL assertions): on telecom, where
+the env assertions judge only the final outcome, half the fixes then score between none and all of them. Weight
+`state` (TAU2_PARTIAL_W_STATE) applies to it only.
 
 `checks_ignoring_termination` exists because tau2 returns reward 0 and no sub-checks at all for episodes that did not
 end with agent_stop / user_stop (tau2-bench issue #82): it re-runs tau2's own evaluator as if the episode had ended
@@ -67,6 +73,7 @@ WEIGHT_ENV_VARS: dict[str, str] = {
     "communicate": "TAU2_PARTIAL_W_COMMUNICATE",
     "db": "TAU2_PARTIAL_W_DB",
     "nl_assertion": "TAU2_PARTIAL_W_NL",
+    "state": "TAU2_PARTIAL_W_STATE",
 }
 
 # Terminations tau2 grades; every other one gets reward 0 and no sub-checks.
@@ -107,10 +114,11 @@ class PartialWeights(BaseModel):
     communicate: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     db: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     nl_assertion: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    state: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # progress credit only
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PartialWeights:
-        """Read TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,DB,NL}; unset or empty keeps the default."""
+        """Read TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,DB,NL,STATE}; unset or empty keeps the default."""
         defaults = cls()
         values = {field: env_float(var, getattr(defaults, field), environ) for field, var in WEIGHT_ENV_VARS.items()}
         try:
@@ -185,6 +193,65 @@ def compute_partial_score(
         return 0.0, components
     score = sum(getattr(weights, name) * fraction for name, fraction in components.items()) / total_weight
     return min(1.0, max(0.0, score)), components
+
+
+# Components of the progress credit besides the state: the graded checks that are not about the end state.
+PROGRESS_CHECK_COMPONENTS = ("action", "communicate", "nl_assertion")
+PROGRESS_FIGURES = ("target_actions", "done_actions", "collateral")
+
+
+def progress_figures(progress: Any) -> dict[str, Any] | None:
+    """The engine's progress payload (`reward.progress.StateProgress` dump) if usable, else None (missing, an
+    {"error": ...} payload, or malformed figures)."""
+    if not isinstance(progress, Mapping):
+        return None
+    figures = {}
+    for name in PROGRESS_FIGURES:
+        value = progress.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return None
+        figures[name] = value
+    if figures["done_actions"] > figures["target_actions"]:
+        return None
+    figures["transferred"] = progress.get("transferred") is True
+    figures["gold_transfers"] = progress.get("gold_transfers") is True
+    return figures
+
+
+def compute_progress_score(
+    reward_info: dict[str, Any] | RewardInfo | None,
+    progress: Mapping[str, Any] | None,
+    weights: PartialWeights | None = None,
+    collateral_penalty: float = 1.0,
+) -> tuple[float, dict[str, float]] | None:
+    """Progress credit: weighted mean of the state share and the graded non-state checks, minus the collateral
+    penalty; None when `progress` is not a usable payload (the caller falls back to `compute_partial_score`).
+
+    - `state` = done_actions / target_actions (reward.progress: the share of the gold actions the end state shows);
+      1.0 when the gold actions change nothing (the state is as they leave it unless the episode changed it);
+    - `action`, `communicate`, `nl_assertion`: as in `compute_partial_score` (graded checks only); env assertions
+      and the DB check are left out: they judge the same end state, all or nothing;
+    - `collateral` = collateral_penalty * fields changed that no gold action changes / max(1, target_actions),
+      subtracted from the mean: at the default 1, each stray field cancels one gold action's worth of state credit
+      (toggling everything cannot farm it; a single wrong toggle of airplane mode changes 4 fields).
+    Returns (score in [0, 1], {component: fraction, ..., "collateral": penalty}).
+    """
+    figures = progress_figures(progress)
+    if figures is None:
+        return None
+    weights = weights or PartialWeights()
+    components = {
+        name: value for name, value in partial_components(reward_info).items() if name in PROGRESS_CHECK_COMPONENTS
+    }
+    target = figures["target_actions"]
+    components["state"] = figures["done_actions"] / target if target > 0 else 1.0
+    total_weight = sum(getattr(weights, name) for name in components)
+    mean = 0.0
+    if total_weight > 0.0:
+        mean = sum(getattr(weights, name) * fraction for name, fraction in components.items()) / total_weight
+    penalty = collateral_penalty * figures["collateral"] / max(1, target)
+    components["collateral"] = penalty
+    return min(1.0, max(0.0, mean - penalty)), components
 
 
 def is_normal_termination(termination_reason: Any) -> bool:

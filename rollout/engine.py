@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
+from reward.progress import episode_progress
 from reward.tau2_reward_shaping import is_success
 from rollout.clients.policy import PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
@@ -589,6 +590,7 @@ class EpisodeResult(BaseModel):
     reward: float | None = None
     reward_info: dict[str, Any] | None = None
     truncated_checks: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = Field(default=None, description="reward.progress figures of the end state")
     failure: str | None = None
     messages: list[dict[str, Any]] = Field(default_factory=list, description="tau2 trajectory (model_dump json)")
     agent_messages: list[dict[str, Any]] = Field(default_factory=list, description="what the agent saw, OpenAI form")
@@ -661,6 +663,7 @@ class _Episode:
         self.user_prompt_tokens = 0
         self.user_completion_tokens = 0
         self.env_s = 0.0
+        self.env: Environment | None = None  # the environment at the end, for the progress figures
 
 
 def _to_agent(ep: _Episode, messages: list[dict[str, Any]]) -> None:
@@ -841,6 +844,7 @@ async def _play(
         if env is None:  # built after the first LLM reply, not in the burst of a batch's first requests
             env = await run_cpu(build_environment, config.domain, ep.task, config.solo_mode)
         env.sync_tools()
+        ep.env = env
         if to_role == "env":
             continue
         # As tau2: these checks run after every step that does not go to the environment, even after a stop.
@@ -944,6 +948,7 @@ async def run_episode(
             result.reward = float(info.reward)
             result.reward_info = info.model_dump(mode="json")
             result.truncated_checks = truncated.model_dump(mode="json") if truncated is not None else None
+            result.progress = await run_cpu(episode_progress, task, config.domain, ep.env, ep.trajectory)
         except Exception as err:
             result.status, result.failure = "failed", f"evaluation failed: {type(err).__name__}: {err}"
         result.eval_s = time.perf_counter() - eval_started

@@ -51,12 +51,13 @@ _LOGGED: set[tuple[str, str]] = set()
 
 TRANSFER_TOOL = "transfer_to_human_agents"
 # Per-episode metadata this module writes: cleared when a sample is played again (partial-rollout re-entry).
+# The row's own keys (task, task_id, domain) say which task to play, so they are never cleared.
 EPISODE_KEYS = (
-    "task_id", "domain", "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
-    "truncated_checks", "turns", "steps", "tool_calls", "tool_errors", "invalid_turns", "user_tool_calls",
+    "subtask", "evaluation", "episode_status", "termination_reason", "reward_info",
+    "truncated_checks", "progress", "turns", "steps", "tool_calls", "tool_errors", "invalid_turns", "user_tool_calls",
     "transferred", "gold_transfer", "budget_hit", "turn_cap_hits", "policy_tokens", "policy_latency_s", "user_tokens",
     "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",
-    "partial_components", "shaped_reward", "advantage", "reward_valid",
+    "partial_components", "partial_credit", "shaped_reward", "advantage", "reward_valid",
 )  # fmt: skip
 
 
@@ -252,6 +253,7 @@ def episode_metadata(result: Any, agent: Any, evaluation: bool, task: Any = None
         "termination_reason": result.termination_reason,
         "reward_info": result.reward_info,
         "truncated_checks": result.truncated_checks,
+        "progress": result.progress,
         "turns": result.turns,
         "steps": result.steps,
         "tool_calls": result.tool_calls,

@@ -643,6 +643,7 @@ def test_results_from_another_configuration_are_refused(tmp_path, policy_url, ta
     changed = [*args, "--max-steps", "20", "--temperature", "0.5"]
     err = _bad(capsys, changed)
     assert "another configuration" in err and "max_steps: 30 -> 20" in err and "--overwrite" in err
+    assert "max_tokens_per_turn" in _bad(capsys, [*args, "--max-tokens-per-turn", "64"])  # the per-turn cap counts
     assert (output.read_bytes(), output.with_suffix(".episodes.jsonl").read_bytes()) == before
     assert main([*changed, "--overwrite"]) == 0
     data = json.loads(output.read_text())

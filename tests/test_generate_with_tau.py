@@ -411,3 +411,40 @@ def test_every_wait_has_a_default_bound_derived_from_the_budgets():
     assert config.turn_deadline_s() <= 5 * 60 and config.episode_deadline_s(None) <= 30 * 60
     assert EpisodeConfig(max_tokens_per_turn=4096).turn_deadline_s() > config.turn_deadline_s()
     assert EpisodeConfig(turn_timeout_s=7, episode_timeout_s=9).episode_deadline_s(10**6) == 9
+
+
+def test_every_key_an_episode_and_its_reward_write_is_cleared_on_reentry(tok, model_dir, scripted_env):
+    """Partial-rollout re-entry drops what the last play wrote: every metadata key generate() or the reward
+    post-process adds must be listed in EPISODE_KEYS, or a stale value would ride along into the next play."""
+    from types import SimpleNamespace
+
+    from reward.tau2_reward_shaping import tau2_reward_post_process
+
+    row = _rows()[0]
+    task = get_task_store().get("telecom", row["metadata"]["task_id"])
+    with ScriptedPolicyServer(tok, script_responder(gold_script_texts(task, solo_mode=False), solo_mode=False)) as url:
+        out = _generate(slime_args(model_dir, _port(url)), Sample(prompt=0, metadata=dict(row["metadata"])), {})
+    out.group_index = 0
+    args = SimpleNamespace(
+        advantage_estimator="grpo", grpo_std_normalization=True, rewards_normalization=True, n_samples_per_prompt=1
+    )
+    tau2_reward_post_process(args, [out])
+    written = set(out.metadata) - set(row["metadata"])
+    assert {"progress", "partial_credit", "shaped_reward", "turns"} <= written  # the check sees real writes
+    assert written <= set(generate_with_tau.EPISODE_KEYS), sorted(written - set(generate_with_tau.EPISODE_KEYS))
+
+
+def test_a_replayed_sample_plays_its_own_task_again(tok, model_dir, scripted_env):
+    """Re-entry clears the last play but never the row's task: a sample naming its task by id alone (no embedded
+    task, a text prompt) plays that task on the first and on the second play."""
+    row = _rows()[5]
+    task = get_task_store().get("telecom", row["metadata"]["task_id"])
+    assert task.id != _rows()[0]["metadata"]["task_id"]  # a fallback to row 0 would show
+    assert not {"task", "task_id", "domain"} & set(generate_with_tau.EPISODE_KEYS)
+    sample = Sample(prompt="a prompt text", metadata={"domain": "telecom", "task_id": task.id})
+    texts = gold_script_texts(task, solo_mode=False)
+    for _ in range(2):
+        with ScriptedPolicyServer(tok, script_responder(texts, solo_mode=False)) as url:
+            out = _generate(slime_args(model_dir, _port(url)), sample, slime_sampling_params())
+        assert out.status == Sample.Status.COMPLETED, out.metadata.get("failure")
+        assert out.metadata["task_id"] == task.id and out.reward == 1.0

@@ -23,6 +23,7 @@ from reward.partial_credit import (
     PartialWeights,
     checks_ignoring_termination,
     compute_partial_score,
+    compute_progress_score,
 )
 from reward.tau2_reward_shaping import (
     ShapingConfig,
@@ -54,6 +55,10 @@ ALL_SHAPING_VARS = (
     "TAU2_PARTIAL_W_COMMUNICATE",
     "TAU2_PARTIAL_W_DB",
     "TAU2_PARTIAL_W_NL",
+    "TAU2_PARTIAL_W_STATE",
+    "TAU2_PARTIAL_CREDIT",
+    "TAU2_COLLATERAL_PENALTY",
+    "TAU2_TRANSFER_GUARD",
 )
 
 
@@ -272,6 +277,22 @@ def test_model_and_json_dump_give_the_same_score():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_credit_settings_from_env():
+    assert ShapingConfig().credit == "progress" and ShapingConfig().transfer_guard is False
+    config = ShapingConfig.from_env(
+        {
+            "TAU2_PARTIAL_CREDIT": " Checks ",
+            "TAU2_TRANSFER_GUARD": "on",
+            "TAU2_COLLATERAL_PENALTY": "2.5",
+            "TAU2_PARTIAL_W_STATE": "3",
+        }
+    )
+    assert (config.credit, config.transfer_guard, config.collateral_penalty) == ("checks", True, 2.5)
+    assert config.weights.state == 3.0
+    for value, expected in (("1", True), ("TRUE", True), ("no", False), ("0", False), ("", False)):
+        assert ShapingConfig.from_env({"TAU2_TRANSFER_GUARD": value}).transfer_guard is expected
+
+
 def test_settings_from_env_parse_and_default():
     config = ShapingConfig.from_env(
         {"TAU2_REWARD_ALPHA": "0.3", "TAU2_TRUNCATION_DISCOUNT": "1", "TAU2_PARTIAL_W_DB": "2", "TAU2_PARTIAL_W_NL": ""}
@@ -295,6 +316,10 @@ def test_settings_from_env_parse_and_default():
         ("TAU2_PARTIAL_W_COMMUNICATE", "1,5", "not a number"),
         ("TAU2_PARTIAL_W_DB", "x", "not a number"),
         ("TAU2_PARTIAL_W_NL", "-3", "greater than or equal"),
+        ("TAU2_PARTIAL_W_STATE", "-1", "greater than or equal"),
+        ("TAU2_COLLATERAL_PENALTY", "-0.5", "greater than or equal"),
+        ("TAU2_PARTIAL_CREDIT", "env", "one of progress, checks"),
+        ("TAU2_TRANSFER_GUARD", "maybe", "not a boolean"),
     ],
 )
 def test_bad_env_values_raise_a_clear_error(name, value, words):
@@ -506,11 +531,31 @@ reward_infos = st.one_of(
         }
     ),
 )
+
+
+@st.composite
+def progress_payloads(draw):
+    """What the engine stores (reward.progress.StateProgress), an error payload, or junk."""
+    target = draw(st.integers(0, 12))
+    payload = {
+        "target_actions": target,
+        "done_actions": draw(st.floats(0, target)) if target else 0.0,
+        "target_fields": draw(st.integers(0, 30)),
+        "matched_fields": 0,
+        "touched_fields": draw(st.integers(0, 30)),
+        "collateral": draw(st.integers(0, 40)),
+        "transferred": draw(st.booleans()),
+        "gold_transfers": draw(st.booleans()),
+    }
+    return draw(st.just(payload) | st.just({"error": "ValueError: x"}) | json_junk)
+
+
 metadatas = st.fixed_dictionaries(
     {
         "reward_info": reward_infos,
         "termination_reason": st.none() | st.sampled_from(TERMINATIONS),
         "truncated_checks": reward_infos,
+        "progress": st.none() | progress_payloads(),
         "turns": st.integers(0, 300) | json_junk,
         "tool_calls": st.integers(0, 300) | json_junk,
     }
@@ -522,6 +567,7 @@ weights = st.builds(
     communicate=st.floats(0, 10),
     db=st.floats(0, 10),
     nl_assertion=st.floats(0, 10),
+    state=st.floats(0, 10),
 )
 configs = st.builds(
     ShapingConfig,
@@ -529,6 +575,9 @@ configs = st.builds(
     truncation_discount=st.floats(0, 1),
     turn_penalty=st.sampled_from([0.0, 0.001, 0.01]) | st.floats(0, 1),
     weights=weights,
+    credit=st.sampled_from(["progress", "checks"]),
+    collateral_penalty=st.sampled_from([0.0, 1.0]) | st.floats(0, 5),
+    transfer_guard=st.booleans(),
 )
 success_rewards = st.floats(1 - 1e-6, 1e6) | st.just(True)
 failure_rewards = st.none() | st.floats(max_value=1 - 2e-6) | st.just(float("nan")) | st.just(float("-inf"))
@@ -553,7 +602,8 @@ def as_count(value: Any) -> int:
 def test_shaped_bounds_and_no_growth_with_turns_or_tool_calls(config, metadata, reward, more_turns, more_calls):
     shaped, partial, components = shape_reward(metadata, reward, config)
     assert 0.0 <= partial <= 1.0 and 0.0 <= shaped <= 1.0 + config.alpha
-    assert all(0.0 <= value <= 1.0 for value in components.values())
+    assert all(0.0 <= value <= 1.0 for name, value in components.items() if name != "collateral")
+    assert components.get("collateral", 0.0) >= 0.0
     base_turns, base_calls = as_count(metadata["turns"]), as_count(metadata["tool_calls"])
     longer = {**metadata, "turns": base_turns + more_turns, "tool_calls": base_calls + more_calls}
     longer_shaped, longer_partial, _ = shape_reward(longer, reward, config)
@@ -629,3 +679,95 @@ def test_group_normalization_properties(groups, rng, estimator, std_norm, normal
                 assert population_std(advantages) == pytest.approx(1.0, abs=1e-3)
         else:
             assert population_std(advantages) == pytest.approx(spread, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The progress credit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def progress_metadata(done: float, target: int, collateral: int = 0, **extra: Any) -> dict:
+    figures = {"target_actions": target, "done_actions": done, "collateral": collateral}
+    figures.update({"transferred": False, "gold_transfers": False, **extra})
+    return {
+        "reward_info": {"reward_basis": ["ENV_ASSERTION"], "env_assertions": [{"met": False}]},
+        "termination_reason": "user_stop",
+        "progress": figures,
+    }
+
+
+def test_progress_credit_is_the_share_of_gold_actions_minus_stray_fields():
+    config = ShapingConfig()
+    shaped, partial, components = shape_reward(progress_metadata(1.0, 4), 0.0, config)
+    assert (partial, components) == (0.25, {"state": 0.25, "collateral": 0.0})  # env assertions do not enter
+    _, partial, components = shape_reward(progress_metadata(3.0, 4, collateral=2), 0.0, config)
+    assert partial == pytest.approx(0.75 - 2 / 4) and components["collateral"] == 0.5
+    assert shape_reward(progress_metadata(1.0, 4, collateral=1), 0.0, config)[1] == 0.0  # floored
+    # Nothing to change: the state is right unless the episode changed it.
+    assert shape_reward(progress_metadata(0.0, 0), 0.0, config)[1] == 1.0
+    assert shape_reward(progress_metadata(0.0, 0, collateral=1), 0.0, config)[1] == 0.0
+    # A graded action check (telecom's transfer) is averaged in.
+    with_action = {
+        **progress_metadata(1.0, 2),
+        "reward_info": {"reward_basis": ["ENV_ASSERTION", "ACTION"], "action_checks": [{"action_match": False}]},
+    }
+    assert shape_reward(with_action, 0.0, config)[1] == pytest.approx(0.25)
+
+
+def test_without_usable_progress_figures_the_checks_credit_is_used():
+    metadata = env_metadata([True, False])
+    for progress in (None, {"error": "ValueError: x"}, {"target_actions": 2, "done_actions": 3, "collateral": 0}):
+        samples = [Sample(reward=0.0, group_index=0, metadata={**metadata, "progress": progress})]
+        tau2_reward_post_process(make_args(), samples)
+        assert samples[0].metadata["partial_credit"] == "checks"
+        assert samples[0].metadata["partial_score"] == 0.5
+    samples = [Sample(reward=0.0, group_index=0, metadata=progress_metadata(1.0, 2))]
+    tau2_reward_post_process(make_args(), samples)
+    assert samples[0].metadata["partial_credit"] == "progress" and samples[0].metadata["partial_score"] == 0.5
+
+
+def test_checks_credit_is_selectable(monkeypatch):
+    monkeypatch.setenv("TAU2_PARTIAL_CREDIT", "checks")
+    samples = [Sample(reward=0.0, group_index=0, metadata={**env_metadata([True, False]), **progress_metadata(0, 2)})]
+    samples[0].metadata["reward_info"] = env_metadata([True, False])["reward_info"]
+    tau2_reward_post_process(make_args(), samples)
+    assert samples[0].metadata["partial_credit"] == "checks" and samples[0].metadata["partial_score"] == 0.5
+
+
+@pytest.mark.parametrize("credit", ["progress", "checks"])
+def test_transfer_guard_zeroes_credit_for_a_transfer_the_gold_does_not_make(credit):
+    guarded = ShapingConfig(credit=credit, transfer_guard=True)
+    plain = ShapingConfig(credit=credit)
+    metadata = {**progress_metadata(1.0, 2, transferred=True), "reward_info": env_metadata([True])["reward_info"]}
+    assert shape_reward(metadata, 0.0, plain)[1] == 0.5 if credit == "progress" else 1.0
+    _, partial, components = shape_reward(metadata, 0.0, guarded)
+    assert partial == 0.0 and components["transfer_guard"] == 1.0
+    allowed = {**metadata, "progress": {**metadata["progress"], "gold_transfers": True}}
+    assert shape_reward(allowed, 0.0, guarded) == shape_reward(allowed, 0.0, plain)
+    assert shape_reward(metadata, 1.0, guarded)[0] >= 1.0  # a success stays a success
+
+
+@settings(max_examples=200, deadline=None)
+@given(configs, metadatas, st.floats(0, 1) | st.none())
+def test_truncated_episodes_keep_the_discount(config, metadata, reward):
+    """The same end state and checks, ended normally or cut: the cut one gets `truncation_discount` of the credit."""
+    config = config.model_copy(update={"turn_penalty": 0.0})
+    ended = {**metadata, "termination_reason": "user_stop"}
+    cut = {**metadata, "termination_reason": "max_steps", "truncated_checks": metadata["reward_info"]}
+    _, partial_ended, _ = shape_reward(ended, reward, config)
+    _, partial_cut, _ = shape_reward(cut, reward, config)
+    assert partial_cut == pytest.approx(config.truncation_discount * partial_ended, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(reward_infos, progress_payloads(), weights, st.just(0.0) | st.floats(1e-3, 5), st.integers(1, 20))
+def test_more_stray_fields_never_raise_the_progress_credit(reward_info, progress, partial_weights, penalty, more):
+    scored = compute_progress_score(reward_info, progress, partial_weights, penalty)
+    if scored is None:
+        return
+    worse = compute_progress_score(
+        reward_info, {**progress, "collateral": progress["collateral"] + more}, partial_weights, penalty
+    )
+    assert worse is not None and 0.0 <= worse[0] <= scored[0] <= 1.0
+    if penalty > 0 and scored[0] > 0:
+        assert worse[0] < scored[0]
