@@ -285,15 +285,15 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def set_env(monkeypatch, variables: dict[str, str]) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_credit_settings_from_env(clean_env):
     assert ShapingConfig().credit == "progress" and ShapingConfig().transfer_guard is False
-    for name, value in (
-        ("TAU2_PARTIAL_CREDIT", " Checks "),
-        ("TAU2_TRANSFER_GUARD", "on"),
-        ("TAU2_COLLATERAL_PENALTY", "2.5"),
-        ("TAU2_PARTIAL_W_STATE", "3"),
-    ):
-        clean_env.setenv(name, value)
+    variables = {"TAU2_PARTIAL_CREDIT": " Checks ", "TAU2_TRANSFER_GUARD": "on", "TAU2_COLLATERAL_PENALTY": "2.5"}
+    set_env(clean_env, {**variables, "TAU2_PARTIAL_W_STATE": "3"})
     config = ShapingConfig()
     assert (config.credit, config.transfer_guard, config.collateral_penalty) == ("checks", True, 2.5)
     assert config.weights.state == 3.0
@@ -305,43 +305,11 @@ def test_credit_settings_from_env(clean_env):
 
 def test_settings_from_env_parse_and_default(clean_env):
     assert ShapingConfig() == ShapingConfig.current()
-    for name, value in (
-        ("TAU2_REWARD_ALPHA", "0.3"),
-        ("TAU2_TRUNCATION_DISCOUNT", "1"),
-        ("TAU2_PARTIAL_W_DB", "2"),
-        ("TAU2_PARTIAL_W_NL", ""),
-    ):
-        clean_env.setenv(name, value)
+    variables = {"TAU2_REWARD_ALPHA": "0.3", "TAU2_TRUNCATION_DISCOUNT": "1", "TAU2_PARTIAL_W_DB": "2"}
+    set_env(clean_env, {**variables, "TAU2_PARTIAL_W_NL": ""})
     config = ShapingConfig.current()
     assert config.alpha == 0.3 and config.truncation_discount == 1.0 and config.turn_penalty == 0.0
     assert config.weights == PartialWeights(db=2.0) and PartialWeights(nl_assertion=0.5).nl_assertion == 0.5
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "words"),
-    [
-        ("TAU2_REWARD_ALPHA", "abc", "valid number"),
-        ("TAU2_REWARD_ALPHA", "1.0", "less than 1"),
-        ("TAU2_REWARD_ALPHA", "-0.1", "greater than or equal"),
-        ("TAU2_REWARD_ALPHA", "nan", "finite"),
-        ("TAU2_TRUNCATION_DISCOUNT", "1.5", "less than or equal"),
-        ("TAU2_TURN_PENALTY", "-0.01", "greater than or equal"),
-        ("TAU2_PARTIAL_W_ENV", "-1", "greater than or equal"),
-        ("TAU2_PARTIAL_W_ACTION", "inf", "finite"),
-        ("TAU2_PARTIAL_W_COMMUNICATE", "1,5", "valid number"),
-        ("TAU2_PARTIAL_W_DB", "x", "valid number"),
-        ("TAU2_PARTIAL_W_NL", "-3", "greater than or equal"),
-        ("TAU2_PARTIAL_W_STATE", "-1", "greater than or equal"),
-        ("TAU2_COLLATERAL_PENALTY", "-0.5", "greater than or equal"),
-        ("TAU2_PARTIAL_CREDIT", "env", "'progress' or 'checks'"),
-        ("TAU2_TRANSFER_GUARD", "maybe", "valid boolean"),
-    ],
-)
-def test_bad_env_values_raise_a_clear_error(clean_env, name, value, words):
-    clean_env.setenv(name, value)
-    with pytest.raises(ValueError, match=name) as raised:
-        ShapingConfig()
-    assert words in str(raised.value)
 
 
 def test_post_process_reports_a_bad_setting(monkeypatch):
