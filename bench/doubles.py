@@ -39,6 +39,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from rollout.clients.policy import sglang_generate_response
+
 TOOL_TURN_TEXT = (
     '<tool_call>\n{"name": "get_customer_by_phone", "arguments": {"phone_number": "555-123-2002"}}\n</tool_call>'
 )
@@ -85,16 +87,16 @@ class Doubles:
         ids, text = self.replies["tool" if self.config.tool_call_turns and turn % 2 == 0 else "talk"]
         start = len(input_ids)
         logprobs = [-abs(math.sin((start + i) * 12.9898 + t * 78.233)) * 2.0 - 1e-3 for i, t in enumerate(ids)]
-        meta = {
-            "id": f"bench-{len(self.records)}",
-            "prompt_tokens": start,
-            "completion_tokens": len(ids),
-            "cached_tokens": 0,
-            "finish_reason": {"type": "stop", "matched": self.end_of_turn_id},
-        }
-        if body.get("return_logprob"):
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, ids)]
-        payload = orjson.dumps({"text": text, "output_ids": ids, "meta_info": meta})
+        answer = sglang_generate_response(
+            ids,
+            text,
+            "stop",
+            rid=f"bench-{len(self.records)}",
+            prompt_tokens=start,
+            matched=self.end_of_turn_id,
+            logprobs=logprobs if body.get("return_logprob") else None,
+        )
+        payload = orjson.dumps(answer)
         if self.config.policy_delay_s:
             await asyncio.sleep(self.config.policy_delay_s)
         self.records.append(("policy", t_in, time.monotonic()))
@@ -170,9 +172,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (with the tool chat template)")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
+    from rollout.token_record import load_tokenizer
 
-    doubles = Doubles(AutoTokenizer.from_pretrained(args.tokenizer))
+    doubles = Doubles(load_tokenizer(args.tokenizer))
     # With hundreds of requests in flight, garbage collections paused this process and every reply due meanwhile came
     # late (99th percentile 140 ms late at C = 256, 12 ms with this): a cost of the doubles, charged to the harness.
     gc.freeze()

@@ -24,29 +24,24 @@ import argparse
 import asyncio
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "examples"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from rollout.engine import EpisodeConfig, TokenAgent, build_environment, run_episode, setup_episode  # noqa: E402
-from rollout.policy_client import PolicyOutput  # noqa: E402
-from rollout.scripted import (  # noqa: E402
+from rollout.clients.policy import PolicyOutput
+from rollout.engine import EpisodeConfig, TokenAgent, build_environment
+from rollout.episode import Episode
+from rollout.scripted import (
     CLOSING_MESSAGE,
     TRANSFER_MESSAGE,
     TRANSFER_TOOL,
     ScriptedTurn,
-    ScriptedUser,
     gold_actions,
     gold_agent_turns,
     user_action_instruction,
 )
-from rollout.task_store import get_task_store  # noqa: E402
-from rollout.tool_format import format_assistant_turn  # noqa: E402
+from rollout.task_store import get_task_store
+from rollout.tool_format import format_assistant_turn
+from rollout.user_sim import UserSimConfig
 
 PHONE = re.compile(r"\b\d{3}-\d{3}-\d{4}\b")
 EXPLANATION = (
@@ -145,12 +140,14 @@ AGENTS = {"gold": lambda task: gold_agent_turns(task, solo_mode=False), "teacher
 
 
 async def play(task: Any, turns: list[ScriptedTurn], tokenizer: Any, budget: int) -> dict[str, Any]:
-    config = EpisodeConfig(domain="telecom")
-    env, view = await setup_episode(task, config)
     texts = [format_assistant_turn(turn.content, turn.tool_calls) for turn in turns]
     policy = ScriptPolicy(tokenizer, texts, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    agent = TokenAgent(policy, tokenizer, view, {"temperature": 1.0}, max_response_tokens=budget)
-    result = await run_episode(task, agent, ScriptedUser(task), config, env=env)
+
+    def make_agent(view: Any) -> TokenAgent:
+        return TokenAgent(policy, tokenizer, view, {"temperature": 1.0}, max_response_tokens=budget)
+
+    episode = await Episode.start(task, EpisodeConfig(domain="telecom"), make_agent, UserSimConfig(kind="scripted"))
+    result = await episode.play()
     record = result.record
     sampled = [span.end - span.start for span in record.spans if span.kind == "sampled"]
     return {
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every episode's numbers here")
     args = parser.parse_args(argv)
 
-    from qwen3_tokenizer import load_qwen3_tokenizer
+    from examples.qwen3_tokenizer import load_qwen3_tokenizer
 
     tokenizer = load_qwen3_tokenizer()
     tasks = []

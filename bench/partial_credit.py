@@ -36,17 +36,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reward import progress as progress_module  # noqa: E402
-from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination  # noqa: E402
-from reward.progress import TRANSFER_TOOL, initial_environment, measure_progress, progress_of_simulation  # noqa: E402
-from reward.tau2_reward_shaping import ShapingConfig, shape_reward  # noqa: E402
-from rollout.engine import fast_env_constructor  # noqa: E402
-from rollout.task_store import get_task_store  # noqa: E402
-from tests.tau2_gold import AssistantMessage, TerminationReason, ToolCall, gold_simulation, tau2_verdict  # noqa: E402
+from reward import progress as progress_module
+from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
+from reward.progress import TRANSFER_TOOL, initial_environment, measure_progress, progress_of_simulation
+from reward.tau2_reward_shaping import ShapingConfig, shape_reward
+from rollout.engine import fast_env_constructor
+from rollout.task_store import get_task_store
+from tests.tau2_gold import AssistantMessage, TerminationReason, ToolCall, gold_simulation, tau2_verdict
 
 KEEP_HEADING = "## Design and choices"  # from this heading on, the output file is hand-written and kept
 Call = tuple[str, str, dict[str, Any]]  # (requestor, tool name, arguments)

@@ -45,12 +45,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from bench.doubles import DoublesHandle, start_doubles, user_calls_per_episode
 
-from bench.doubles import DoublesHandle, start_doubles, user_calls_per_episode  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 USER_MODEL = "user-sim"
 KEEP_HEADING = "## Findings and fixes"  # from this heading on, the output file is hand-written and kept
@@ -245,36 +242,40 @@ class TimedChat:
         finally:
             self.calls.append(("user", started, time.monotonic()))
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
 
 class Ours:
     """The recipe's way, as the evaluator plays it: shared policy and user clients, TokenAgent + LLMUser per episode."""
 
     def __init__(self, bench: Bench, turns: int) -> None:
+        from rollout.clients.policy import build_policy_client
         from rollout.engine import EpisodeConfig
-        from rollout.policy_client import build_policy_client
         from rollout.user_sim import UserSimConfig, get_user_client
 
         self.bench = bench
         self.calls: list[tuple[str, float, float]] = []
         self.policy = TimedPolicy(build_policy_client(bench.doubles.policy_url, api="sglang"), self.calls)
         self.user_config = UserSimConfig(kind="llm", model=USER_MODEL, base_url=bench.doubles.user_base_url)
+        # The cache build_user takes LLM users' chat clients from, holding the timed one.
         self.clients: dict[Any, Any] = {}
-        self.chat = TimedChat(get_user_client(self.user_config, self.clients), self.calls)
+        self.clients[self.user_config.client_key()] = TimedChat(get_user_client(self.user_config, {}), self.calls)
         self.config = EpisodeConfig(domain="telecom", max_turns=turns + 2)  # the user ends it after `turns`
 
     async def play(self, task: Any) -> Played:
-        from rollout.engine import TokenAgent, prepare_episode, run_episode
-        from rollout.user_sim import LLMUser
+        from rollout.engine import TokenAgent
+        from rollout.episode import Episode
 
         started = time.monotonic()
         task = task.model_copy(deep=True)  # the store's tasks are shared (as the evaluator does)
-        setup = await prepare_episode(task, self.config)
-        # What build_user makes for an LLM user, with the shared client timed.
-        user = LLMUser(task, setup.user_tools, self.chat, temperature=self.user_config.temperature)
-        params = {"temperature": 1.0}
-        agent = TokenAgent(self.policy, self.bench.tokenizer, setup.view, params, max_response_tokens=8192)
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(self.policy, self.bench.tokenizer, view, {"temperature": 1.0}, max_response_tokens=8192)
+
+        episode = await Episode.start(task, self.config, make_agent, self.user_config, self.clients)
         setup_s = time.monotonic() - started
-        result = await run_episode(task, agent, user, self.config, env=setup.env)
+        result = await episode.play()
         return Played(started=started, ended=time.monotonic(), setup_s=setup_s, result=result)
 
     async def aclose(self) -> None:
@@ -501,7 +502,7 @@ async def gym_episode(
 
 
 async def gym_wave(bench: Bench, concurrency: int, episodes: int, turns: int, window_s: float | None) -> dict[str, Any]:
-    from rollout.policy_client import build_policy_client
+    from rollout.clients.policy import build_policy_client
 
     policy = build_policy_client(bench.doubles.policy_url, api="sglang")
     calls = GymCalls()
@@ -1077,7 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.model_validate({**settings.model_dump(), **json.loads(args.settings)})
     started = time.monotonic()
     load_before = load_line()
-    from prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import prepare_cpu_model
+    from rollout.token_record import load_tokenizer
 
     tokenizer_dir = prepare_cpu_model()
     with start_doubles(tokenizer_dir) as doubles:

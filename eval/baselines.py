@@ -3,7 +3,7 @@
 On telecom a policy that only transfers to a human solves every transfer-only task (12 of the 40 test tasks), and a
 policy that asks for every phone fix by name solves more (docs/shortcut_baselines.md), so a pass rate means little
 until it stands beside them. The evaluator plays `rollout.scripted.SCRIPTED_POLICIES` (gold as the ceiling;
-always_transfer, shotgun and do_nothing as the shortcuts) through the same engine (`run_episode`) with the run's
+always_transfer, shotgun and do_nothing as the shortcuts) through the same engine (rollout.episode) with the run's
 user simulator and limits, records the episodes in their own resumable JSONL, and reports:
 - per policy: pass@1, successes, transfer rate, per-subtask pass@1, which tasks it solves;
 - the shortcut check of the model: its pass@1 beside the best shortcut's, overall and per subtask, and on the tasks
@@ -38,22 +38,16 @@ def shortcut_names(policies: Sequence[str]) -> list[str]:
     return [name for name in policies if name in SHORTCUT_POLICIES]
 
 
-def hashed_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """What changes a baseline's results: the tasks' domain and split, the user simulator, the episode limits."""
-    episode = run_config["episode"]
-    user = run_config["user_sim"]
-    return {
-        "domain": run_config["domain"],
-        "task_split": run_config["task_split"],
-        "max_steps": episode["max_steps"],
-        "max_errors": episode["max_errors"],
-        "max_turns": episode["max_turns"],
-        "user_kind": user["kind"],
-        "user_model": user["model"],
-        "user_temperature": user["temperature"],
-        "user_extra_args": user["extra_args"],
-        "tau2_version": run_config["tau2_version"],
-    }
+# What changes a baseline's results: the tasks' domain and split, the user simulator, the episode limits.
+HASHED_KEYS = (
+    "domain", "task_split", "max_steps", "max_errors", "max_turns", "user_kind", "user_model", "user_temperature",
+    "user_extra_args", "tau2_version",
+)  # fmt: skip
+
+
+def hashed_config(model_hashed: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the model run's hashed configuration (evaluate_tau2.hashed_config) that a baseline depends on."""
+    return {key: model_hashed[key] for key in HASHED_KEYS}
 
 
 async def play_baselines(
@@ -66,9 +60,9 @@ async def play_baselines(
 ) -> None:
     """Play (policy, task, trial) episodes through the engine, `concurrency` at a time; `on_result(policy, task,
     trial, EpisodeResult)` is called as each one finishes (a set-up error becomes a failed result)."""
-    from rollout.engine import EpisodeResult, prepare_episode, run_episode
+    from rollout.episode import play_episode
     from rollout.scripted import ScriptedPolicyAgent
-    from rollout.user_sim import build_user, close_user_clients
+    from rollout.user_sim import close_user_clients
 
     clients: dict[Any, Any] = {}
     semaphore = asyncio.Semaphore(concurrency)
@@ -76,24 +70,9 @@ async def play_baselines(
     async def one(policy: str, task: Any, trial: int) -> None:
         async with semaphore:
             task = task.model_copy(deep=True)  # the store's tasks are shared
-            user = None
-            try:
-                setup = await prepare_episode(task, config)
-                user = build_user(user_config, task, setup.user_tools, clients)
-                agent = ScriptedPolicyAgent(policy, task)
-                result = await run_episode(task, agent, user, config, env=setup.env)
-            except Exception as err:  # a task the engine cannot set up is an infrastructure failure
-                result = EpisodeResult(
-                    task_id=task.id,
-                    domain=config.domain,
-                    solo_mode=config.solo_mode,
-                    status="failed",
-                    termination_reason="infra_error",
-                    failure=f"episode setup failed: {type(err).__name__}: {err}",
-                )
-            finally:
-                if user is not None:
-                    await user.aclose()
+            result = await play_episode(
+                task, config, lambda view: ScriptedPolicyAgent(policy, task), user_config, clients
+            )
         on_result(policy, task, trial, result)
 
     jobs = [asyncio.ensure_future(one(policy, task, trial)) for policy, task, trial in pending]

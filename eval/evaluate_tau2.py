@@ -37,11 +37,6 @@ split or task id, missing checkpoint, unreachable server, results from another c
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import asyncio
 import contextlib
@@ -51,13 +46,13 @@ import json
 import os
 import shlex
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO, Any
-
-from pydantic import ValidationError
 
 from eval import metrics
 from eval.serving import (
@@ -72,9 +67,12 @@ from eval.serving import (
     split_server_args,
 )
 from rollout.budgets import EPISODE_TOKENS
+from rollout.cli import EXIT_USAGE, OneLineErrorParser, user_flags, write_atomic
+from rollout.settings import EpisodeConfig
+from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "evaluate_tau2.py"
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 RECORD_VERSION = 1
 
 
@@ -95,11 +93,6 @@ def info(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -141,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="results JSON ('.json' added when missing); the episodes JSONL, tau2 Results, .md and .png go beside it",
     )
     g = p.add_argument_group("tasks")
-    g.add_argument("--domain", "-d", default=os.environ.get("TAU2_DOMAIN") or "telecom")
+    g.add_argument("--domain", "-d", help="tau2 domain (default: $TAU2_DOMAIN, else telecom)")
     g.add_argument("--task-split", "--task-split-name", dest="task_split", default="test")
     g.add_argument("--num-tasks", type=_positive_int, help="first N tasks of the split in tau2's order (default all)")
     g.add_argument(
@@ -205,6 +198,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compare:
         return args
+    if args.domain is None:
+        try:
+            args.domain = EpisodeConfig().domain
+        except ValueError as err:
+            parser.error(str(err))
     if args.output_path:
         args.output_path = json_path(args.output_path)
     if not args.output_path:
@@ -279,25 +277,10 @@ def check_checkpoint(path: str, flag: str = "--checkpoint") -> str:
 
 def user_sim_config(args: argparse.Namespace) -> Any:
     """UserSimConfig from TAU2_USER_* with the command-line flags on top; the key only ever comes from a variable."""
-    from rollout.user_sim import UserSimConfig
+    from rollout.settings import UserSimConfig
 
-    environ = dict(os.environ)
-    for flag, var in (
-        ("user_kind", "TAU2_USER_KIND"),
-        ("user_model", "TAU2_USER_MODEL"),
-        ("user_base_url", "TAU2_USER_BASE_URL"),
-        ("user_temperature", "TAU2_USER_TEMPERATURE"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            environ[var] = str(value)
-    if args.user_api_key_env:
-        name = args.user_api_key_env
-        if not os.environ.get(name, "").strip():
-            raise UsageError(f"--user-api-key-env {name}: the environment variable {name} is not set or empty")
-        environ["TAU2_USER_API_KEY"] = os.environ[name]
     try:
-        return UserSimConfig.from_env(environ)
+        return UserSimConfig(**user_flags(args))
     except ValueError as err:
         raise UsageError(f"user simulator (flags --user-* or TAU2_USER_* variables): {err}") from None
 
@@ -333,18 +316,13 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
 
 
 def episode_config(args: argparse.Namespace, solo_mode: bool) -> Any:
-    from rollout.engine import EpisodeConfig
-
     overrides: dict[str, Any] = {"domain": args.domain, "solo_mode": solo_mode}
     for flag in ("max_steps", "max_errors", "max_turns", "max_tokens_per_turn", "policy_variant", "episode_timeout_s"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
     try:
-        return EpisodeConfig.from_env(**overrides)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise UsageError(f"episode settings (flags or TAU2_* variables): {problems}") from None
+        return EpisodeConfig(**overrides)
     except ValueError as err:
         raise UsageError(f"episode settings (flags or TAU2_* variables): {err}") from None
 
@@ -501,18 +479,7 @@ def latest_by_pair(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- the policy side
@@ -547,20 +514,6 @@ def tokenizer_source(args: argparse.Namespace, checkpoint: str | None, server_in
     if reported and Path(reported).is_dir():
         return str(Path(reported).resolve())
     raise UsageError("no tokenizer: give --tokenizer (or --checkpoint) for the served model")
-
-
-def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as err:
-        raise UsageError(
-            f"cannot load a tokenizer from '{source}': {type(err).__name__}: {err}".splitlines()[0]
-        ) from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"the tokenizer in '{source}' has no chat template; the policy needs one that takes tools=")
-    return tokenizer
 
 
 @contextlib.contextmanager
@@ -625,19 +578,6 @@ class RunState:
         return f"pass@1 {rate:.1%} ({self.successes}/{self.done}), failed {self.failed}"
 
 
-def failed_result(task: Any, config: Any, error: BaseException) -> Any:
-    from rollout.engine import EpisodeResult
-
-    return EpisodeResult(
-        task_id=task.id,
-        domain=config.domain,
-        solo_mode=config.solo_mode,
-        status="failed",
-        termination_reason="infra_error",
-        failure=f"episode setup failed: {type(error).__name__}: {error}",
-    )
-
-
 def make_record(
     task: Any, trial: int, result: Any, hash_value: str, hashed: dict[str, Any], seed: int | None
 ) -> dict[str, Any]:
@@ -682,9 +622,11 @@ async def play_episodes(
     """Play the pending (task, trial) pairs, `--concurrency` at a time; each record is on disk when it finishes."""
     from tqdm import tqdm
 
-    from rollout.engine import TokenAgent, prepare_episode, run_episode
-    from rollout.policy_client import RetryPolicy, build_policy_client
-    from rollout.user_sim import build_user, close_user_clients
+    from rollout.clients.policy import build_policy_client
+    from rollout.clients.retry import RetryPolicy
+    from rollout.engine import TokenAgent
+    from rollout.episode import play_episode
+    from rollout.user_sim import close_user_clients
 
     retry = RetryPolicy(max_retries=args.policy_max_retries, timeout_s=float(args.policy_timeout_s))
     policy = build_policy_client(url, api=args.policy_api, model=served_name, retry=retry)
@@ -700,28 +642,20 @@ async def play_episodes(
         sampling: dict[str, Any] = {"temperature": args.temperature, "top_p": args.top_p}
         if seed is not None:
             sampling["sampling_seed" if args.policy_api == "sglang" else "seed"] = seed
-        user = None
-        try:
-            setup = await prepare_episode(task, config)
-            if not config.solo_mode:
-                user = build_user(user_config, task, setup.user_tools, clients)
-            agent = TokenAgent(
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(
                 policy,
                 tokenizer,
-                setup.view,
+                view,
                 sampling,
                 max_response_tokens=args.max_response_tokens,
                 max_context_tokens=max_context_tokens,
                 max_tool_calls_per_turn=config.max_tool_calls_per_turn,
                 max_tokens_per_turn=config.max_tokens_per_turn,
             )
-        except Exception as err:  # a task the engine cannot set up is an infrastructure failure, not a bad policy
-            return failed_result(task, config, err), seed
-        try:
-            return await run_episode(task, agent, user, config, env=setup.env), seed
-        finally:
-            if user is not None:
-                await user.aclose()
+
+        return await play_episode(task, config, make_agent, user_config, clients), seed
 
     async def one(task: Any, trial: int) -> None:
         async with semaphore:
@@ -882,7 +816,7 @@ def run_baselines(
     from eval import baselines
 
     names = baselines.baseline_policies(args.domain)
-    hashed = baselines.hashed_config(run_config)
+    hashed = baselines.hashed_config(hashed_config(run_config))
     hash_value = config_hash(hashed)
     log = EpisodeLog(paths["baselines"])
     log.open()
@@ -1070,7 +1004,10 @@ def run(args: argparse.Namespace) -> int:
         run_info: dict[str, Any] = {"server": None, "max_context_tokens_effective": args.max_context_tokens}
         if pending:
             check_checkpoint(tokenizer_path, "--tokenizer")
-            tokenizer = load_tokenizer(tokenizer_path)
+            try:
+                tokenizer = load_tokenizer(tokenizer_path)
+            except TokenizerError as err:
+                raise UsageError(str(err)) from None
             with serve_policy(args, checkpoint, paths["server_log"]) as server:
                 served = served_model_info(server.url)
                 max_context = args.max_context_tokens or served.get("max_model_len")

@@ -1,7 +1,8 @@
 """Evaluation metrics over finished episodes: pure functions, no I/O.
 
 Definitions (n = trials of a task, c = its successes, T = tasks):
-- success: tau2's reward is 1 within 1e-6 (tau2's `is_successful`). A failed episode (infrastructure: server down,
+- success: tau2's reward is at least 1 - 1e-6 (tau2's `is_successful` on its rewards, which lie in [0, 1]; the
+  recipe's one definition, reward.tau2_reward_shaping.is_success). A failed episode (infrastructure: server down,
   timeout, evaluator error) has no reward; by default it counts as a failure with reward 0 and partial 0, and it is
   dropped from every rate only with `exclude_failed=True`. Either way the failed episodes are counted and listed.
 - pass@1: mean success over ALL counted trials, pooled (sum c / sum n). With equal n per task it equals pass^1.
@@ -43,17 +44,12 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from reward.partial_credit import compute_partial_score
+from reward.tau2_reward_shaping import is_success
 
-SUCCESS_TOLERANCE = 1e-6
 TRANSFER_TOOL = "transfer_to_human_agents"
 NO_GROUP = "(none)"  # group label for episodes without a subtask / persona
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_BOOTSTRAP_SEED = 0
-
-
-def is_success(reward: float | None) -> bool:
-    """tau2's success: reward 1 within 1e-6; no reward (a failed episode) is not a success."""
-    return reward is not None and abs(float(reward) - 1.0) <= SUCCESS_TOLERANCE
 
 
 class EpisodeRow(BaseModel):

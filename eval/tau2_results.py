@@ -24,9 +24,7 @@ results, for `--compare`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from eval import metrics
+from rollout.cli import write_atomic
 from rollout.tau2_setup import import_tau2
 
 FAILED_TERMINATION = "agent_error"  # what tau2 run records for a skipped (failed) sample
@@ -197,18 +196,7 @@ def build_results(
 
 def write_results(results: Any, path: Path) -> None:
     """Write the Results JSON atomically (tau2's own serialization, as `Results.save` writes it)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(results.model_dump_json(indent=2))
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, results.model_dump_json(indent=2) + "\n")
 
 
 def tau2_metrics(results: Any) -> dict[str, float | None] | None:

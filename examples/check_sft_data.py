@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from rollout.sft_format import (
     RowCheck,
     RowChecker,
@@ -32,6 +30,7 @@ from rollout.sft_format import (
     stats_table,
     write_jsonl_atomic,
 )
+from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "check_sft_data.py"
 
@@ -76,20 +75,6 @@ def check_file(
     return rows, checks, duplicates
 
 
-def load_tokenizer(source: str, flag: str) -> Any:
-    """The tokenizer with its chat template; ValueError with a one-line reason if there is none."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as err:  # transformers raises OSError, ValueError or hub errors for a bad folder
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot load a tokenizer from {flag} '{source}': {reason}") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer in {flag} '{source}' has no chat template; give the model's folder")
-    return tokenizer
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path)
@@ -105,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--tokenizer" if args.tokenizer else "$HF_CHECKPOINT"
         try:
             tokenizer = load_tokenizer(args.tokenizer or os.environ["HF_CHECKPOINT"], flag)
-        except ValueError as err:
+        except TokenizerError as err:
             parser.exit(2, f"{PROG}: error: {err}\n")
     else:
         print("WARNING: no --tokenizer: checking shape only (no chat template, no loss mask)", file=sys.stderr)

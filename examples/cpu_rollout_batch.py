@@ -20,11 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
-
-from slime_standin import Sample, slime_args, slime_sampling_params  # noqa: E402
+from examples.slime_standin import Sample, slime_args, slime_sampling_params
 
 
 def load_samples(path: Path, num_prompts: int, n_samples: int) -> list[Sample]:

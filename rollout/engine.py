@@ -1,10 +1,12 @@
 """The tau2 episode engine: one async loop that plays a task the way tau2's Orchestrator does.
 
-GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py) and SFT trace generation
-(examples/generate_sft_traces.py) all call `run_episode`; only the agent differs:
+GRPO rollouts (rollout.generate_with_tau), the evaluator (eval/evaluate_tau2.py), SFT trace generation
+(examples/generate_sft_traces.py), the benchmark and SkyRL all play episodes through rollout.episode, which calls
+`run_episode`; only the agent differs:
 - `TokenAgent`: the policy under training, token-in-token-out against sglang /generate or /v1/completions;
 - `ChatAgent`: a teacher model behind an OpenAI-compatible chat endpoint (or Gemini);
-- `ScriptedAgent`: the task's gold actions, no LLM.
+- `rollout.scripted.ScriptedPolicyAgent`: the task's gold actions or a shortcut policy, no LLM.
+The user is an `EpisodeUser` (rollout.user_sim's LLM user, rollout.scripted's scripted customer), None in solo mode.
 
 Semantics follow tau2/orchestrator/orchestrator.py: the fixed greeting, one step per routed message, max_steps and
 max_errors checked when the next recipient is not the environment, tool errors counted, user stop tokens, the agent
@@ -18,7 +20,6 @@ import asyncio
 import functools
 import gc
 import inspect
-import os
 import pickle
 import sys
 import threading
@@ -28,14 +29,15 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from reward.progress import episode_progress
-from rollout import budgets
-from rollout.policy_client import PolicyClient, PolicyServerError, PolicyTimeout
+from reward.tau2_reward_shaping import is_success
+from rollout.clients.policy import PolicyClient, PolicyServerError
+from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
@@ -68,8 +70,6 @@ from tau2.utils.utils import get_now  # noqa: E402
 
 T = TypeVar("T")
 Status = Literal["completed", "truncated", "aborted", "failed"]
-# Our termination reasons: tau2's, plus the token budget / turn cap of training and infrastructure outcomes.
-EXTRA_TERMINATIONS = ("max_tokens", "max_turns", "aborted", "infra_error", "timeout")
 SOLO_STOP_TOOL = LLMSoloAgent.STOP_FUNCTION_NAME
 SOLO_STOP_TOKEN = LLMSoloAgent.STOP_TOKEN
 
@@ -87,7 +87,7 @@ _CPU_LOCK = threading.Lock()
 def _make_pool(workers: int) -> ThreadPoolExecutor | None:
     if workers <= 0:
         return None
-    switch_ms = float(os.environ.get("TAU2_GIL_SWITCH_INTERVAL_MS", "1"))
+    switch_ms = ProcessSettings.current().gil_switch_interval_ms
     if switch_ms > 0:
         # CPython's convoy effect: every socket call of the loop releases the GIL and waits up to the switch interval
         # (5 ms by default) to get it back from a worker thread.
@@ -101,13 +101,14 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     with _CPU_LOCK:
         if not _CPU_SETUP_DONE:
             _CPU_SETUP_DONE = True
-            gen0 = _env_int("TAU2_GC_GEN0_THRESHOLD", 20000) or 0
+            settings = ProcessSettings.current()
+            gen0 = settings.gc_gen0_threshold
             if gen0 > gc.get_threshold()[0]:
                 # A batch allocates millions of short-lived objects (environments, messages): at Python's default of
                 # 700 the young-generation collections and the full ones they cascade into stalled a 256-episode
                 # batch for ~0.7 s in all (measured with gc.callbacks); freed by reference counting, they need no GC.
                 gc.set_threshold(gen0, *gc.get_threshold()[1:])
-            _CPU_POOL = _make_pool(_env_int("TAU2_CPU_WORKERS", 0) or 0)
+            _CPU_POOL = _make_pool(settings.cpu_workers)
         return _CPU_POOL
 
 
@@ -135,83 +136,8 @@ async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as err:
-        raise ValueError(f"{name}={raw!r} is not an integer") from err
-
-
 class TurnTimeout(RuntimeError):
     """A policy or user-simulator turn took longer than its bound (EpisodeConfig.turn_deadline_s)."""
-
-
-class EpisodeConfig(BaseModel):
-    """How an episode is played. Defaults match tau2's CLI (max_steps 200, max_errors 10); token budgets and time
-    bounds come from rollout.budgets (the same for GRPO, in-training evaluation and the evaluator)."""
-
-    domain: str = "telecom"
-    solo_mode: bool = False
-    max_steps: int = Field(default=200, gt=0)
-    max_errors: int = Field(default=10, gt=0)
-    max_turns: int | None = Field(default=None, gt=0, description="cap on policy turns (None: only max_steps)")
-    max_tool_calls_per_turn: int | None = Field(default=None, gt=0, description="None: parallel calls allowed")
-    max_tokens_per_turn: int | None = Field(
-        default=budgets.TURN_TOKENS,
-        gt=0,
-        description="cap on one policy turn; a turn cut by it is closed (masked) and played as is (None: no cap)",
-    )
-    policy_variant: Literal["full", "compact"] = "full"
-    evaluate: bool = True
-    episode_timeout_s: float | None = Field(default=None, gt=0, description="None: derived from the token budget")
-    turn_timeout_s: float | None = Field(
-        default=None, gt=0, description="bound on one policy or user turn, retries included; None: derived"
-    )
-
-    def turn_deadline_s(self) -> float:
-        """The bound on one turn: turn_timeout_s, else derived from the per-turn token cap (rollout.budgets)."""
-        return self.turn_timeout_s or budgets.turn_timeout_s(self.max_tokens_per_turn)
-
-    def episode_deadline_s(self, episode_tokens: int | None) -> float:
-        """The bound on the episode: episode_timeout_s, else derived from its token budget (rollout.budgets)."""
-        if self.episode_timeout_s is not None:
-            return self.episode_timeout_s
-        return max(budgets.episode_timeout_s(episode_tokens, self.max_tokens_per_turn), 4 * self.turn_deadline_s())
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> EpisodeConfig:
-        """TAU2_DOMAIN, TAU2_SOLO_MODE, TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOOL_CALLS_PER_TURN,
-        TAU2_MAX_TOKENS_PER_TURN (0: no cap), TAU2_POLICY_VARIANT, TAU2_EPISODE_TIMEOUT_S, TAU2_TURN_TIMEOUT_S;
-        keyword overrides win."""
-        values: dict[str, Any] = {}
-        if os.environ.get("TAU2_DOMAIN"):
-            values["domain"] = os.environ["TAU2_DOMAIN"]
-        if os.environ.get("TAU2_SOLO_MODE"):
-            values["solo_mode"] = os.environ["TAU2_SOLO_MODE"].strip().lower() in ("1", "true", "yes")
-        for key, var in (
-            ("max_steps", "TAU2_MAX_STEPS"),
-            ("max_errors", "TAU2_MAX_ERRORS"),
-            ("max_turns", "TAU2_MAX_TURNS"),
-            ("max_tool_calls_per_turn", "TAU2_MAX_TOOL_CALLS_PER_TURN"),
-            ("max_tokens_per_turn", "TAU2_MAX_TOKENS_PER_TURN"),
-        ):
-            value = _env_int(var, None)
-            if value is not None:
-                values[key] = None if key == "max_tokens_per_turn" and value == 0 else value
-        if os.environ.get("TAU2_POLICY_VARIANT"):
-            values["policy_variant"] = os.environ["TAU2_POLICY_VARIANT"]
-        for key, var in (("episode_timeout_s", "TAU2_EPISODE_TIMEOUT_S"), ("turn_timeout_s", "TAU2_TURN_TIMEOUT_S")):
-            raw = os.environ.get(var, "").strip()
-            if raw:
-                try:
-                    values[key] = float(raw)
-                except ValueError as err:
-                    raise ValueError(f"{var}={raw!r} is not a number of seconds") from err
-        values.update(overrides)
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------- what the agent sees
@@ -222,7 +148,6 @@ class TaskView(BaseModel):
 
     system_prompt: str
     tools: list[dict[str, Any]]
-    tool_names: list[str]
     opening: list[dict[str, Any]]  # messages before the agent's first turn (the greeting in dual mode)
 
 
@@ -324,12 +249,6 @@ def user_tools_of(env: Environment) -> list[Any] | None:
         return _USER_TOOLS_CACHE[key]
 
 
-async def setup_episode(task: Task, config: EpisodeConfig) -> tuple[Environment, TaskView]:
-    """Fresh environment and the agent's view of the task."""
-    env = await run_cpu(build_environment, config.domain, task, config.solo_mode)
-    return env, task_view(task, env, config)
-
-
 @dataclass
 class EpisodeSetup:
     """What `prepare_episode` gives: the agent's view, the user's tools, and (first episode of a domain) an env."""
@@ -340,15 +259,15 @@ class EpisodeSetup:
 
 
 async def prepare_episode(task: Task, config: EpisodeConfig) -> EpisodeSetup:
-    """As `setup_episode`, but without building the environment when the domain's view is known.
+    """The agent's view of the task and the user's tools; an environment only when the domain's view is not known.
 
     Nothing touches the environment before the first step ends (the first LLM reply), so run_episode builds it
     then: a batch's first requests go out at once instead of after a burst of environment builds."""
     shared = _VIEW_CACHE.get((config.domain, config.solo_mode, config.policy_variant))
     user_key = (config.domain, config.solo_mode)
     if shared is None or user_key not in _USER_TOOLS_CACHE:
-        env, view = await setup_episode(task, config)
-        return EpisodeSetup(view=view, user_tools=user_tools_of(env), env=env)
+        env = await run_cpu(build_environment, config.domain, task, config.solo_mode)
+        return EpisodeSetup(view=task_view(task, env, config), user_tools=user_tools_of(env), env=env)
     return EpisodeSetup(view=_task_view(task, shared, config), user_tools=_USER_TOOLS_CACHE[user_key], env=None)
 
 
@@ -410,8 +329,7 @@ def _task_view(task: Task, shared: _DomainView, config: EpisodeConfig) -> TaskVi
     else:
         system = shared.dual_system_prompt or ""
         opening = [{"role": "assistant", "content": DEFAULT_FIRST_AGENT_MESSAGE.content}]
-    names = [tool["function"]["name"] for tool in tools]
-    return TaskView(system_prompt=system, tools=tools, tool_names=names, opening=opening)
+    return TaskView(system_prompt=system, tools=tools, opening=opening)
 
 
 def assistant_to_openai(message: AssistantMessage) -> dict[str, Any]:
@@ -456,14 +374,45 @@ class EpisodeAgent(Protocol):
         ...
 
 
+IncomingMessage = AssistantMessage | ToolMessage | MultiToolMessage
+
+
+class UserReply(BaseModel):
+    message: UserMessage
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class EpisodeUser(Protocol):
+    """What the engine routes to the user, as tau2's Orchestrator does: the agent's text (AssistantMessage), or the
+    results of the user's own tool calls (ToolMessage / MultiToolMessage). Users hold nothing to release: LLM users
+    share their chat client (rollout.user_sim.close_user_clients closes it). A user may carry `turn_timeout_s`, a
+    bound on its turns below the episode's turn bound (the LLM user's TAU2_USER_CALL_TIMEOUT_S)."""
+
+    async def respond(self, incoming: IncomingMessage) -> UserReply: ...
+
+
 def _message_from_calls(
-    content: str | None, calls: list[tuple[str, dict[str, Any]]], turn_index: int, raw: dict | None = None
+    content: str | None, calls: list[tuple[str, dict[str, Any]]], turn_index: int
 ) -> AssistantMessage:
     tool_calls = [
         ToolCall(id=f"call_{turn_index}_{k}", name=name, arguments=arguments, requestor="assistant")
         for k, (name, arguments) in enumerate(calls)
     ]
-    return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None, raw_data=raw)
+    return AssistantMessage(role="assistant", content=content or None, tool_calls=tool_calls or None)
+
+
+def parse_turn(turn: AgentTurn, turn_index: int, max_tool_calls: int | None = None) -> AgentTurn:
+    """Fill a sampled turn's message from its text (rollout.tool_format), or the error the policy is shown."""
+    parsed = parse_assistant_text(turn.raw_text, None, max_tool_calls)
+    if parsed.error:
+        turn.error = parsed.error
+    else:
+        calls = [(call.name, call.arguments) for call in parsed.tool_calls]
+        turn.message = _message_from_calls(parsed.content, calls, turn_index)
+    return turn
 
 
 _VOCAB_SIZES: dict[int, int] = {}
@@ -588,13 +537,7 @@ class TokenAgent:
         if not closed and len(out.token_ids) >= left:  # the episode's token budget ran out mid-turn: it ends here
             turn.finish_reason = "budget"
             return turn
-        parsed = parse_assistant_text(text, None, self.max_tool_calls_per_turn)
-        if parsed.error:
-            turn.error = parsed.error
-            return turn
-        calls = [(call.name, call.arguments) for call in parsed.tool_calls]
-        turn.message = _message_from_calls(parsed.content, calls, turn_index)
-        return turn
+        return parse_turn(turn, turn_index, self.max_tool_calls_per_turn)
 
 
 class ChatAgent:
@@ -631,22 +574,6 @@ class ChatAgent:
         turn.message = _message_from_calls(reply.content, calls, turn_index)
         self.messages.append(assistant_to_openai(turn.message))
         return turn
-
-
-class ScriptedAgent:
-    """Plays a fixed list of turns (rollout.scripted.gold_agent_turns); no LLM."""
-
-    def __init__(self, turns: list[Any]) -> None:
-        self.turns = list(turns)
-
-    async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
-        if turn_index >= len(self.turns):
-            return AgentTurn(finish_reason="budget")
-        step = self.turns[turn_index]
-        calls = [(call["name"], call.get("arguments") or {}) for call in step.tool_calls]
-        message = _message_from_calls(step.content, calls, turn_index)
-        raw = format_assistant_turn(step.content, step.tool_calls)
-        return AgentTurn(message=message, raw_text=raw)
 
 
 # ----------------------------------------------------------------------------------------------------- the episode
@@ -691,7 +618,19 @@ class EpisodeResult(BaseModel):
 
     @property
     def success(self) -> bool:
-        return self.reward is not None and abs(self.reward - 1.0) <= 1e-6
+        return is_success(self.reward)
+
+    @classmethod
+    def setup_failed(cls, task: Task, config: EpisodeConfig, error: BaseException) -> EpisodeResult:
+        """An episode the engine could not set up: an infrastructure failure, not a bad policy."""
+        return cls(
+            task_id=task.id,
+            domain=config.domain,
+            solo_mode=config.solo_mode,
+            status="failed",
+            termination_reason="infra_error",
+            failure=f"episode setup failed: {type(error).__name__}: {error}",
+        )
 
     def summary(self) -> dict[str, Any]:
         """Everything but the token record: what the evaluator and trace files store."""
@@ -746,15 +685,43 @@ def _run_tools(ep: _Episode, env: Environment, message: AssistantMessage | UserM
     return results
 
 
-async def _bounded(awaitable: Any, seconds: float, who: str) -> Any:
-    """Await one turn within its bound; a stuck server becomes a TurnTimeout naming the knob."""
+TURN_KNOB = "TAU2_TURN_TIMEOUT_S; default derived from TAU2_MAX_TOKENS_PER_TURN, see rollout/budgets.py"
+
+
+async def _bounded(awaitable: Any, seconds: float, who: str, knob: str = TURN_KNOB) -> Any:
+    """Await one turn within its bound; a stuck server becomes a TurnTimeout naming the knob. The bound holds whatever
+    the turn does with a cancellation (aiohttp swallows one that lands as its own request timeout fires, and a
+    retrying client then carries on): the turn is never waited for past its bound, only cancelled until it stops."""
+    turn = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(awaitable, seconds)
-    except (asyncio.TimeoutError, PolicyTimeout):
-        raise TurnTimeout(
-            f"the {who} produced no turn within {seconds:.0f} s (TAU2_TURN_TIMEOUT_S; default derived from "
-            "TAU2_MAX_TOKENS_PER_TURN, see rollout/budgets.py)"
-        ) from None
+        done, _ = await asyncio.wait({turn}, timeout=seconds)
+    except asyncio.CancelledError:
+        _stop(turn)
+        raise
+    if turn in done:
+        return turn.result()
+    turn.add_done_callback(_outcome_unused)
+    _stop(turn)
+    raise TurnTimeout(f"the {who} produced no turn within {seconds:.0f} s ({knob})")
+
+
+def _stop(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.05, _stop, task)
+
+
+def _outcome_unused(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it: the episode already ended on the timeout
+
+
+def _user_turn_bound(user: Any, config: EpisodeConfig) -> tuple[float, str]:
+    """The bound on one user turn: the turn bound, or the user simulator's own if it is smaller."""
+    own = getattr(user, "turn_timeout_s", None)
+    if own is not None and own < config.turn_deadline_s():
+        return own, "TAU2_USER_CALL_TIMEOUT_S"
+    return config.turn_deadline_s(), TURN_KNOB
 
 
 async def _agent_step(ep: _Episode, agent: EpisodeAgent) -> tuple[Message | None, str]:
@@ -829,13 +796,14 @@ async def _play(
         greeting.timestamp = get_now()
         ep.trajectory.append(greeting)
         message, to_role = greeting, "user"
+    user_s, user_knob = _user_turn_bound(user, config)
     while not ep.done:
         if to_role in ("user", "agent") and _aborted(ep, abort_check):
             return
         if to_role == "user":
             if user is None:
                 raise RuntimeError("a message was routed to the user in solo mode")
-            reply = await _bounded(user.respond(message), config.turn_deadline_s(), "user simulator")
+            reply = await _bounded(user.respond(message), user_s, "user simulator", user_knob)
             user_message = reply.message
             user_message.validate()  # as tau2's Orchestrator: an empty user message is an error, not a turn
             ep.user_latency += reply.latency_s
@@ -973,7 +941,7 @@ async def run_episode(
     result.messages = [m.model_dump(mode="json") for m in simulation.messages]
     result.simulation_id, result.start_time, result.end_time = simulation.id, simulation.start_time, simulation.end_time
     result.duration_s, result.tau2_termination_reason = simulation.duration, simulation.termination_reason.value
-    if config.evaluate and ep.status != "failed":
+    if ep.status != "failed":
         eval_started = time.perf_counter()
         try:
             info, truncated = await run_cpu(_evaluate, ep, simulation)

@@ -21,32 +21,30 @@ episode checks slime's abort flag (`GenerateState.aborted` in slime.rollout.sgla
 instead of sending new requests. On partial-rollout re-entry an aborted sample is reset and played from the start
 (a tau2 episode cannot resume: its environment and user simulator state are gone).
 
-Settings come from environment variables (the launcher forwards every TAU2_* variable to the Ray job):
-  TAU2_POLICY_API       sglang (native /generate, default) or openai (/v1/completions with a token-id prompt)
-  TAU2_POLICY_URL       a policy server to use instead of slime's router; honoured only with
-                        TAU2_POLICY_URL_OVERRIDE=1 (or where args name no router), and logged either way
-  TAU2_DOMAIN, TAU2_TASK_SPLIT   where `--input-key index` rows are looked up (default telecom / train;
-                        TAU2_EVAL_TASK_SPLIT, default test, when slime evaluates)
-  TAU2_USER_*           the user simulator (rollout.user_sim.UserSimConfig.from_env)
-  TAU2_MAX_STEPS, TAU2_MAX_ERRORS, TAU2_MAX_TURNS, TAU2_MAX_TOKENS_PER_TURN, ...   the episode (EpisodeConfig.from_env)
-  TAU2_KEEP_TRAJECTORY  1: keep the tau2 message trajectory in sample.metadata["tau2_messages"]
+Settings come from TAU2_* environment variables (the launcher forwards every one to the Ray job; docs/settings.md
+lists them): rollout.settings.RolloutSettings (TAU2_POLICY_API, TAU2_POLICY_URL with TAU2_POLICY_URL_OVERRIDE=1,
+TAU2_TASK_SPLIT / TAU2_EVAL_TASK_SPLIT for `--input-key index` rows, TAU2_KEEP_TRAJECTORY), the episode
+(EpisodeConfig: TAU2_DOMAIN, TAU2_MAX_STEPS, TAU2_MAX_TURNS, TAU2_MAX_TOKENS_PER_TURN, ...) and the user simulator
+(UserSimConfig: TAU2_USER_*).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import threading
 from typing import Any
 
-from rollout.policy_client import PolicyClient, RetryPolicy, build_policy_client
+from rollout.budgets import EPISODE_TOKENS
+from rollout.clients.policy import PolicyClient, build_policy_client
+from rollout.clients.retry import RetryPolicy
+from rollout.settings import EpisodeConfig, RolloutSettings
+from rollout.token_record import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-_TOKENIZERS: dict[str, Any] = {}
 _POLICIES: dict[tuple[str, str, int, float], PolicyClient] = {}
 _USER_CLIENTS: dict[Any, Any] = {}
 _LOGGED: set[tuple[str, str]] = set()
@@ -61,16 +59,6 @@ EPISODE_KEYS = (
     "user_latency_s", "episode_wall_s", "failure", "failure_kind", "tau2_messages", "raw_reward", "partial_score",
     "partial_components", "partial_credit", "shaped_reward", "advantage", "reward_valid",
 )  # fmt: skip
-
-
-def load_tokenizer(path: str) -> Any:
-    """One tokenizer per checkpoint path per process."""
-    with _LOCK:
-        if path not in _TOKENIZERS:
-            from transformers import AutoTokenizer
-
-            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        return _TOKENIZERS[path]
 
 
 def slime_aborted() -> bool:
@@ -94,12 +82,12 @@ def _log_once(level: int, key: tuple[str, str], message: str) -> None:
     logger.log(level, message)
 
 
-def policy_url(args: Any) -> str:
+def policy_url(args: Any, settings: RolloutSettings) -> str:
     """slime's router, unless the user asked for TAU2_POLICY_URL (TAU2_POLICY_URL_OVERRIDE=1) or there is none."""
-    override = (os.environ.get("TAU2_POLICY_URL") or "").strip()
+    override = (settings.policy_url or "").strip()
     router_ip, router_port = getattr(args, "sglang_router_ip", None), getattr(args, "sglang_router_port", None)
     router = f"http://{router_ip}:{router_port}" if router_ip and router_port else None
-    opted_in = os.environ.get("TAU2_POLICY_URL_OVERRIDE", "").strip().lower() in ("1", "true", "yes")
+    opted_in = settings.policy_url_override
     if override and (opted_in or router is None):
         why = "TAU2_POLICY_URL_OVERRIDE=1" if opted_in else "no sglang router in slime's args"
         _log_once(logging.WARNING, ("url", override), f"tau2 rollouts use TAU2_POLICY_URL={override} ({why})")
@@ -116,16 +104,15 @@ def policy_url(args: Any) -> str:
     return router
 
 
-def policy_for(args: Any, turn_timeout_s: float) -> PolicyClient:
-    url = policy_url(args)
-    api = os.environ.get("TAU2_POLICY_API", "sglang")
+def policy_for(args: Any, turn_timeout_s: float, settings: RolloutSettings | None = None) -> PolicyClient:
+    settings = settings or RolloutSettings.current()
+    url, api = policy_url(args, settings), settings.policy_api
     key = (url, api, id(asyncio.get_running_loop()), turn_timeout_s)  # aiohttp sessions belong to one loop
     with _LOCK:
         if key not in _POLICIES:
             # One attempt never outlasts the turn's bound; the engine bounds the turn, retries included.
-            retry = RetryPolicy(timeout_s=turn_timeout_s, deadline_s=turn_timeout_s)
-            model = os.environ.get("TAU2_POLICY_MODEL", "default")
-            _POLICIES[key] = build_policy_client(url, api=api, model=model, retry=retry)
+            retry = RetryPolicy(timeout_s=turn_timeout_s)
+            _POLICIES[key] = build_policy_client(url, api=api, model=settings.policy_model, retry=retry)
         return _POLICIES[key]
 
 
@@ -141,14 +128,15 @@ async def close_clients() -> None:
     await close_user_clients(_USER_CLIENTS)
 
 
-def resolve_task(sample: Any, evaluation: bool = False) -> tuple[Any, str]:
-    """The task a sample stands for: metadata (task / task_id + domain), or an `--input-key index` row number."""
+def resolve_task(sample: Any, evaluation: bool, domain: str, settings: RolloutSettings) -> tuple[Any, str]:
+    """The task a sample stands for: metadata (task / task_id + domain), or an `--input-key index` row number of the
+    settings' domain and split."""
     from rollout.task_store import get_task_store, task_from_metadata
 
     metadata = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
     if metadata.get("task") or metadata.get("task_id"):
         task = task_from_metadata(metadata)
-        return task, metadata.get("domain") or os.environ.get("TAU2_DOMAIN", "telecom")
+        return task, metadata.get("domain") or domain
     prompt = getattr(sample, "prompt", None)
     if isinstance(prompt, str) and prompt.strip().isdigit():
         prompt = int(prompt)
@@ -157,11 +145,7 @@ def resolve_task(sample: Any, evaluation: bool = False) -> tuple[Any, str]:
             "the sample has no task: expected metadata with 'task_id' (prompt data from examples/tau2_mock.py with "
             "--metadata-key metadata) or an integer prompt (--input-key index)"
         )
-    domain = os.environ.get("TAU2_DOMAIN", "telecom")
-    if evaluation:
-        split = os.environ.get("TAU2_EVAL_TASK_SPLIT", "test")
-    else:
-        split = os.environ.get("TAU2_TASK_SPLIT", "train")
+    split = settings.eval_task_split if evaluation else settings.task_split
     tasks = get_task_store().tasks(domain, split)
     if not 0 <= prompt < len(tasks):
         raise ValueError(f"index {prompt} is out of range for {domain}/{split} ({len(tasks)} tasks)")
@@ -338,7 +322,7 @@ def fill_sample(
     if result is not None:
         metadata.update(episode_metadata(result, agent, evaluation, task))
         sample.non_generation_time = result.user_latency_s + result.env_s + result.eval_s
-        if os.environ.get("TAU2_KEEP_TRAJECTORY", "0") == "1":
+        if RolloutSettings.current().keep_trajectory:
             metadata["tau2_messages"] = result.messages
     else:
         metadata["evaluation"] = evaluation
@@ -379,32 +363,34 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
     try:
         reset_for_episode(sample)
         tokenizer = load_tokenizer(args.hf_checkpoint)
-        from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
-        from rollout.user_sim import UserSimConfig, build_user
+        from rollout.engine import TokenAgent
+        from rollout.episode import Episode
 
-        task, domain = resolve_task(sample, evaluation)
-        config = EpisodeConfig.from_env(domain=domain)
+        settings, config = RolloutSettings.current(), EpisodeConfig.current()
+        task, domain = resolve_task(sample, evaluation, config.domain, settings)
+        config = config.model_copy(update={"domain": domain})
         budget = sampling_params.get("max_new_tokens") or getattr(args, "rollout_max_response_len", None)
         if evaluation:
             context = getattr(args, "eval_max_context_len", None) or getattr(args, "rollout_max_context_len", None)
         else:
             context = getattr(args, "rollout_max_context_len", None)
-        setup = await prepare_episode(task, config)
-        user = None
-        if not config.solo_mode:
-            user = build_user(UserSimConfig.from_env(), task, setup.user_tools, _USER_CLIENTS)
-        agent = TokenAgent(
-            policy_for(args, config.turn_deadline_s()),
-            tokenizer,
-            setup.view,
-            sampling_params,
-            max_response_tokens=int(budget) if budget else _default_budget(),
-            max_context_tokens=int(context) if context else None,
-            max_tool_calls_per_turn=config.max_tool_calls_per_turn,
-            max_tokens_per_turn=config.max_tokens_per_turn,
-        )
-        abort_check = None if evaluation else slime_aborted
-        result = await run_episode(task, agent, user, config, env=setup.env, abort_check=abort_check)
+        policy = policy_for(args, config.turn_deadline_s(), settings)
+
+        def make_agent(view: Any) -> TokenAgent:
+            return TokenAgent(
+                policy,
+                tokenizer,
+                view,
+                sampling_params,
+                max_response_tokens=int(budget) if budget else EPISODE_TOKENS,
+                max_context_tokens=int(context) if context else None,
+                max_tool_calls_per_turn=config.max_tool_calls_per_turn,
+                max_tokens_per_turn=config.max_tokens_per_turn,
+            )
+
+        episode = await Episode.start(task, config, make_agent, user_clients=_USER_CLIENTS)
+        agent = episode.agent
+        result = await episode.play(abort_check=None if evaluation else slime_aborted)
         if agent.record is None and result.status not in ("failed", "aborted"):
             result.status, result.failure = "failed", result.failure or "the episode ended before the policy's turn"
         return fill_sample(sample, result, tokenizer, agent=agent, evaluation=evaluation, task=task)
@@ -413,9 +399,3 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
             return fill_sample(sample, None, tokenizer, failure=f"{type(err).__name__}: {err}", evaluation=evaluation)
         except Exception as inner:
             return _last_resort(sample, inner)
-
-
-def _default_budget() -> int:
-    from rollout.budgets import EPISODE_TOKENS
-
-    return EPISODE_TOKENS

@@ -50,7 +50,7 @@ def _number(metadata: dict[str, Any], key: str) -> float:
 
 def tau2_metrics(samples: Sequence[Any], reward_key: str | None = None, config: ShapingConfig | None = None) -> dict:
     """The tau2 numbers of one batch of samples (keys without a prefix; see the module docstring)."""
-    config = config or ShapingConfig.from_env()
+    config = config or ShapingConfig.current()
     metrics: dict[str, float] = {"samples": float(len(samples))}
     failures: Counter[str] = Counter()
     aborted = 0

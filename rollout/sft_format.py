@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rollout.cli import write_atomic
 from rollout.tool_format import format_assistant_turn
 
 SOURCES: tuple[str, ...] = ("gold", "teacher", "rft")
@@ -440,17 +440,7 @@ def append_jsonl(handle: Any, row: dict[str, Any]) -> None:
 
 
 def write_jsonl_atomic(path: Path | str, rows: Iterable[dict[str, Any]]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def repair_torn_tail(path: Path | str) -> None:

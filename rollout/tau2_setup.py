@@ -21,8 +21,10 @@ def quiet_tau2_logging(level: str | None = None) -> None:
     global _QUIETED
     from loguru import logger
 
+    from rollout.settings import ProcessSettings
+
     logger.remove()
-    logger.add(sys.stderr, level=level or os.environ.get("TAU2_LOG_LEVEL", "ERROR"))
+    logger.add(sys.stderr, level=level or ProcessSettings.current().log_level)
     _QUIETED = True
 
 

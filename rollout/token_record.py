@@ -8,6 +8,8 @@ fixed anchor conversation and the anchor's rendering is cut off, so the cost gro
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +28,34 @@ _ANCHOR = (
 
 class ChatTemplateError(ValueError):
     """The chat template does not render conversations incrementally (a continuation changes earlier text)."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that does not load, or has no chat template to render the policy's prompts with."""
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def load_tokenizer(source: str | os.PathLike[str], name: str = "") -> Any:
+    """The tokenizer of a Hugging Face folder, one per folder per process. TokenizerError, one line naming the folder
+    as the caller's user knows it (`name`, e.g. "--tokenizer"), when it does not load or has no chat template."""
+    key = str(source)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            from transformers import AutoTokenizer
+
+            where = f"{name} '{key}'" if name else f"'{key}'"
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(key, trust_remote_code=True)
+            except Exception as err:  # transformers raises OSError, ValueError or hub errors for a bad folder
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise TokenizerError(f"cannot load a tokenizer from {where}: {reason}") from None
+            if not getattr(tokenizer, "chat_template", None):
+                raise TokenizerError(f"the tokenizer in {where} has no chat template; give the model's folder")
+            _TOKENIZERS[key] = tokenizer
+        return _TOKENIZERS[key]
 
 
 class ChatRenderer:
@@ -175,56 +205,3 @@ class TokenRecord:
             raise AssertionError(
                 f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}"
             )
-
-
-def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dict], agent_view: list[dict]) -> None:
-    """Check an episode's tokens against the chat template; raises AssertionError naming the first mismatch.
-
-    `opening` is the system turn plus what precedes the agent's first turn (the greeting); `agent_view` is what the
-    agent saw afterwards, its own turns included, in order (EpisodeResult.agent_messages). Checked: the prompt is the
-    template's rendering of the opening; sampled spans are the server's ids; glue spans re-encode to themselves; and
-    the whole sequence decodes to the template's rendering of the conversation, assistant turns as sampled.
-    """
-    record.check()
-    tok = renderer.tokenizer
-    first = next((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), len(agent_view))
-    prompt_messages = [*opening, *agent_view[:first]]
-    if renderer.encode(renderer.render(prompt_messages, add_generation_prompt=True)) != record.prompt_ids:
-        raise AssertionError("prompt ids differ from the chat template's rendering of the opening conversation")
-    sampled = [span for span in record.spans if span.kind == "sampled"]
-    last = max((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), default=len(agent_view) - 1)
-    agent_view = agent_view[: last + 1]  # messages after the agent's last turn were never shown to it
-    rebuilt = list(prompt_messages)
-    k = 0
-    for message in agent_view[first:]:
-        if message["role"] != "assistant":
-            rebuilt.append(message)
-            continue
-        if k >= len(sampled):
-            raise AssertionError(f"more assistant turns in the view than the {len(sampled)} sampled spans")
-        ids = record.response_ids[sampled[k].start : sampled[k].end]
-        closed = bool(ids) and ids[-1] == renderer.end_of_turn_id
-        text = tok.decode(ids[:-1] if closed else ids, skip_special_tokens=False)
-        rebuilt.append({"role": "assistant", "content": text})
-        k += 1
-    if k != len(sampled):
-        raise AssertionError(f"{len(sampled)} sampled spans but {k} assistant turns in the view")
-    actual = tok.decode(record.all_ids, skip_special_tokens=False)
-    ends_with_agent = rebuilt[-1]["role"] == "assistant"
-    expected = renderer.render(rebuilt, add_generation_prompt=not ends_with_agent)
-    if ends_with_agent:  # the record stops right after the last sampled token
-        cut = renderer.after_end_of_turn_text
-        if not actual.endswith(renderer.end_of_turn_text):
-            cut = renderer.end_of_turn_text + cut
-        expected = expected[: len(expected) - len(cut)]
-    if actual != expected:
-        at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
-        raise AssertionError(
-            f"tokens decode differently from the template at char {at}: {actual[at : at + 80]!r} "
-            f"vs {expected[at : at + 80]!r}"
-        )
-    for span in record.spans:
-        if span.kind == "glue":
-            ids = record.response_ids[span.start : span.end]
-            if renderer.encode(tok.decode(ids, skip_special_tokens=False)) != ids:
-                raise AssertionError(f"glue span {span.start}:{span.end} does not re-encode to itself")

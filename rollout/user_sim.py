@@ -3,38 +3,30 @@
 `LLMUser` is tau2's `UserSimulator` with only the LLM call replaced: the same system prompt (guidelines + scenario),
 the same state and role flip (`UserState.flip_roles`), the same message conversion (`to_litellm_messages`), the
 user's tools as OpenAI schemas with `tool_choice="auto"`, and the reply's tool calls flipped to `requestor="user"`.
-The request goes through `rollout.chat_client` (aiohttp / google-genai) instead of litellm, so hundreds of episodes
+The request goes through `rollout.clients.chat` (aiohttp / google-genai) instead of litellm, so hundreds of episodes
 can share one asyncio loop.
 
-Configuration comes from the environment (`UserSimConfig.from_env`):
-  TAU2_USER_KIND         llm | gemini | scripted | solo            (default scripted)
-  TAU2_USER_MODEL        served model name (llm) or Gemini model   (llm, gemini)
-  TAU2_USER_BASE_URL     OpenAI-compatible base URL, e.g. http://127.0.0.1:30001/v1 (llm; optional for gemini)
-  TAU2_USER_API_KEY      falls back to OPENAI_API_KEY (llm) or GEMINI_API_KEY (gemini)
-  TAU2_USER_TEMPERATURE  default 0.0 (tau2's default)
-  TAU2_USER_TIMEOUT_S    seconds one request may take, default 120
-  TAU2_USER_MAX_RETRIES  retries of a failed request (5xx, 429, timeout, connection error), default 6
-  TAU2_USER_CALL_TIMEOUT_S  seconds one user turn may take in all (requests, backoff, re-asks), default 300
-  TAU2_USER_EXTRA_ARGS   JSON object of extra request fields (e.g. {"max_tokens": 512})
+Which user simulator plays the customer: rollout.settings.UserSimConfig, from the TAU2_USER_* variables
+(docs/settings.md): TAU2_USER_KIND (llm, gemini, scripted, solo), TAU2_USER_MODEL, TAU2_USER_BASE_URL,
+TAU2_USER_API_KEY (else OPENAI_API_KEY / GEMINI_API_KEY), TAU2_USER_TEMPERATURE, and the bounds TAU2_USER_TIMEOUT_S
+(one request attempt), TAU2_USER_MAX_RETRIES and TAU2_USER_CALL_TIMEOUT_S (one user turn in all).
 
 A reply the user cannot use (empty, or a tool call whose arguments are not a JSON object) is asked again up to 3
-times, as tau2 asks again after an empty reply; after that, or past any of the bounds above, the turn fails with
+times, as tau2 asks again after an empty reply; after that, or once the retries are spent, the turn fails with
 UserSimulatorError and the episode ends as an infrastructure failure (status "failed", reason infra_error), which
-GRPO keeps out of training. A hung user-simulator server holds an episode for at most TAU2_USER_CALL_TIMEOUT_S per
-turn.
+GRPO keeps out of training. The engine bounds each user turn (requests, backoff and re-asks together) by
+TAU2_USER_CALL_TIMEOUT_S or TAU2_TURN_TIMEOUT_S, whichever is smaller: a hung server ends the episode as failed,
+reason timeout.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-
-from rollout.chat_client import ChatClient, ChatClientError, build_chat_client
+from rollout.clients.chat import CHAT_RETRY, ChatClient, ChatClientError, build_chat_client
+from rollout.engine import EpisodeUser, IncomingMessage, UserReply
+from rollout.scripted import ScriptedUser
+from rollout.settings import UserSimConfig
 from rollout.tau2_setup import import_tau2
 from rollout.tool_schemas import tool_schemas
 
@@ -55,122 +47,10 @@ if TYPE_CHECKING:
     from tau2.data_model.tasks import Task
     from tau2.environment.tool import Tool
 
-UserKind = Literal["llm", "gemini", "scripted", "solo"]
-USER_KINDS: tuple[str, ...] = ("llm", "gemini", "scripted", "solo")
-IncomingMessage = AssistantMessage | ToolMessage | MultiToolMessage
-
 
 class UserSimulatorError(RuntimeError):
     """The user simulator could not produce a reply (server down past retries, unusable reply): an infrastructure
     failure, not a policy mistake."""
-
-
-class UserSimConfig(BaseModel):
-    """Which user simulator plays the customer. The API key never appears in repr, dumps or `public_dict()`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: UserKind = "scripted"
-    model: str | None = None
-    base_url: str | None = None
-    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
-    temperature: float = Field(default=0.0, ge=0.0)
-    timeout_s: float = Field(default=120.0, gt=0.0)
-    max_retries: int = Field(default=6, ge=0)
-    call_timeout_s: float = Field(default=300.0, gt=0.0)
-    extra_args: dict[str, Any] = Field(default_factory=dict)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> UserSimConfig:
-        """Read TAU2_USER_* (see the module docstring). A bad value raises ValueError naming the variable."""
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() else None
-
-        kind = get("TAU2_USER_KIND") or "scripted"
-        if kind not in USER_KINDS:
-            raise ValueError(f"TAU2_USER_KIND={kind!r} is not one of {', '.join(USER_KINDS)}")
-        model = get("TAU2_USER_MODEL")
-        base_url = get("TAU2_USER_BASE_URL")
-        if kind in ("llm", "gemini") and not model:
-            raise ValueError(f"TAU2_USER_KIND={kind} needs TAU2_USER_MODEL (the model name to call)")
-        if kind == "llm" and not base_url:
-            raise ValueError("TAU2_USER_KIND=llm needs TAU2_USER_BASE_URL (e.g. http://127.0.0.1:30001/v1)")
-        fallback = {"llm": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY"}.get(kind)
-        api_key = get("TAU2_USER_API_KEY") or (get(fallback) if fallback else None)
-        values: dict[str, Any] = {"kind": kind, "model": model, "base_url": base_url}
-        if api_key:
-            values["api_key"] = SecretStr(api_key)
-        temperature = _env_number(get, "TAU2_USER_TEMPERATURE", float, minimum=0.0)
-        if temperature is not None:
-            values["temperature"] = temperature
-        timeout = _env_number(get, "TAU2_USER_TIMEOUT_S", float, minimum=0.0, strict=True)
-        if timeout is not None:
-            values["timeout_s"] = timeout
-        retries = _env_number(get, "TAU2_USER_MAX_RETRIES", int, minimum=0)
-        if retries is not None:
-            values["max_retries"] = retries
-        call_timeout = _env_number(get, "TAU2_USER_CALL_TIMEOUT_S", float, minimum=0.0, strict=True)
-        if call_timeout is not None:
-            values["call_timeout_s"] = call_timeout
-        extra = get("TAU2_USER_EXTRA_ARGS")
-        if extra is not None:
-            try:
-                parsed = json.loads(extra)
-            except ValueError as err:
-                raise ValueError(f"TAU2_USER_EXTRA_ARGS is not valid JSON: {err}") from None
-            if not isinstance(parsed, dict):
-                raise ValueError("TAU2_USER_EXTRA_ARGS must be a JSON object")
-            values["extra_args"] = parsed
-        return cls(**values)
-
-    def secret(self) -> str | None:
-        return self.api_key.get_secret_value() if self.api_key is not None else None
-
-    def public_dict(self) -> dict[str, Any]:
-        """The configuration for run logs: everything but the key (only whether one is set)."""
-        data = self.model_dump(mode="json")
-        data["api_key_set"] = self.api_key is not None
-        return data
-
-    def client_key(self) -> tuple[Any, ...]:
-        """Identifies the chat client this config needs (the key enters only as a digest)."""
-        secret = self.secret()
-        digest = hashlib.sha256(secret.encode()).hexdigest()[:16] if secret else None
-        return (self.kind, self.model, self.base_url, digest, self.timeout_s, self.max_retries, self.call_timeout_s)
-
-
-def _env_number(get: Any, name: str, kind: type, minimum: float, strict: bool = False) -> Any:
-    raw = get(name)
-    if raw is None:
-        return None
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if value < minimum or (strict and value == minimum):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{name}={raw!r} must be {bound}")
-    return value
-
-
-class UserReply(BaseModel):
-    message: UserMessage
-    latency_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@runtime_checkable
-class EpisodeUser(Protocol):
-    """What the engine routes to the user, as tau2's Orchestrator does: the agent's text (AssistantMessage), or the
-    results of the user's own tool calls (ToolMessage / MultiToolMessage)."""
-
-    async def respond(self, incoming: IncomingMessage) -> UserReply: ...
-
-    async def aclose(self) -> None: ...
 
 
 class LLMUser:
@@ -186,7 +66,9 @@ class LLMUser:
         temperature: float = 0.0,
         llm_args: dict[str, Any] | None = None,
         message_history: list[Message] | None = None,
+        turn_timeout_s: float | None = None,
     ) -> None:
+        self.turn_timeout_s = turn_timeout_s  # the engine's bound on this user's turns, when below the turn bound
         # tau2's own object supplies the system prompt and the state (and with it flip_roles); only `generate` is ours.
         self.simulator = UserSimulator(tools=user_tools, instructions=str(task.user_scenario))
         self.state = self.simulator.get_init_state(message_history=message_history)
@@ -243,9 +125,6 @@ class LLMUser:
             completion_tokens=completion.completion_tokens,
         )
 
-    async def aclose(self) -> None:
-        """Nothing to release per episode: the chat client is shared (see close_user_clients)."""
-
 
 _CLIENTS: dict[Any, ChatClient] = {}
 
@@ -261,9 +140,7 @@ def get_user_client(config: UserSimConfig, cache: dict[Any, Any] | None = None) 
             config.model or "",
             config.base_url,
             config.secret(),
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            call_timeout_s=config.call_timeout_s,
+            retry=CHAT_RETRY.model_copy(update={"timeout_s": config.timeout_s, "max_retries": config.max_retries}),
         )
         cache[key] = client
     return client
@@ -284,8 +161,13 @@ def build_user(
     if config.kind == "solo":
         return None
     if config.kind == "scripted":
-        from rollout.scripted import ScriptedUser  # imported here: scripted imports this module
-
         return ScriptedUser(task)
     client = get_user_client(config, client_cache)
-    return LLMUser(task, user_tools, client, temperature=config.temperature, llm_args=config.extra_args)
+    return LLMUser(
+        task,
+        user_tools,
+        client,
+        temperature=config.temperature,
+        llm_args=config.extra_args,
+        turn_timeout_s=config.call_timeout_s,
+    )

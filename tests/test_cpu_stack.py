@@ -16,19 +16,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import prepare_cpu_model as prepare_cpu_model_module
 import pytest
-from conftest import http_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prepare_cpu_model import (
+
+from examples import prepare_cpu_model as prepare_cpu_model_module
+from examples.prepare_cpu_model import (
     MARKER_NAME,
     TEMPLATE_PATH,
     chat_template_text,
-    load_tokenizer,
     prepare_cpu_model,
     read_marker,
 )
+from rollout.token_record import load_tokenizer
+from tests.conftest import http_json
+from tests.test_sglang_wire import check_sglang_answer
 
 IM_START, IM_END = 1, 2
 
@@ -335,6 +337,7 @@ def teacher_forced_logprobs(model: Any, prompt: list[int], output: list[int]) ->
 def test_generate_stops_on_im_end_and_keeps_it(cpu_policy_server: str, smollm2_tokenizer: Any) -> None:
     prompt = chat_prompt(smollm2_tokenizer, "What is the capital of France?")
     body = generate(cpu_policy_server, prompt)
+    check_sglang_answer(body)
     meta, ids = body["meta_info"], body["output_ids"]
     assert meta["finish_reason"] == {"type": "stop", "matched": IM_END}
     assert ids[-1] == IM_END and IM_END not in ids[:-1]

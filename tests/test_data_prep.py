@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import tau2_mock  # noqa: E402
-
-from rollout.task_store import (  # noqa: E402
+from examples import tau2_mock
+from rollout.task_store import (
     TaskLookupError,
     get_task_store,
     task_from_metadata,
@@ -23,6 +19,7 @@ from rollout.task_store import (  # noqa: E402
     task_subtask,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "tau2_mock.py"
 
 
@@ -180,6 +177,8 @@ def test_install_dry_run_pins_protected_packages():
     assert "--no-deps" in tau2_line and " -c " in tau2_line  # no dependencies, installed versions pinned
     assert "keeping installed versions of" in result.stderr and "torch==" in result.stderr
     assert not any("torch==" in line for line in lines)  # torch is installed here: never reinstalled
+    recipe_line = next(line for line in lines if " -e " in line)  # the recipe itself, editable, after its deps
+    assert "--no-deps" in recipe_line and recipe_line.rstrip().endswith(str(ROOT))
 
 
 def test_import_is_quiet():

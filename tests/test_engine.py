@@ -9,13 +9,13 @@ import asyncio
 import json
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, script_responder
-from scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
-from rollout.token_record import verify_record
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.tool_format import format_tool_call
+from tests.engine_helpers import gold_script_texts, opening_of, script_responder, verify_record
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer, fake_logprob
 
 FAST_RETRY = RetryPolicy(max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)
 
@@ -28,7 +28,8 @@ async def _play(tok, url, task, responder_texts=None, *, solo=False, api="sglang
     from rollout.scripted import ScriptedUser
 
     config = config or EpisodeConfig(solo_mode=solo)
-    env, view = await setup_episode(task, config)
+    setup = await prepare_episode(task, config)
+    env, view = setup.env, setup.view
     policy = build_policy_client(url, api=api, retry=FAST_RETRY)
     agent = TokenAgent(policy, tok, view, {"temperature": 1.0, "top_p": 1.0}, max_response_tokens=budget)
     if user is None and not solo:
@@ -80,7 +81,7 @@ def test_solo_mode_gold_episode(tok, train_tasks):
     assert result.status == "completed", result.failure
     assert result.termination_reason == "agent_stop"
     assert result.reward == 1.0
-    assert view.opening == [] and "done" in view.tool_names
+    assert view.opening == [] and "done" in [tool["function"]["name"] for tool in view.tools]
     assert not any(m["role"] == "user" for m in result.agent_messages)
     _check_tokens(result, agent, view)
 
@@ -170,7 +171,8 @@ def test_policy_timeout_fails_episode(tok, train_tasks):
 
     async def play(url):
         config = EpisodeConfig()
-        env, view = await setup_episode(train_tasks[0], config)
+        setup = await prepare_episode(train_tasks[0], config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, retry=slow_retry)
         from rollout.scripted import ScriptedUser
 
@@ -215,7 +217,9 @@ def test_parallel_calls_over_the_per_turn_cap_are_an_invalid_turn(tok, train_tas
     async def play(url):
         from rollout.scripted import ScriptedUser
 
-        env, view = await setup_episode(train_tasks[0], config)
+        setup = await prepare_episode(train_tasks[0], config)
+
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, retry=FAST_RETRY)
         agent = TokenAgent(policy, tok, view, {}, max_response_tokens=4096, max_tool_calls_per_turn=1)
         try:

@@ -12,15 +12,15 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from engine_helpers import real_tokenizer
-from fake_openai_server import FakeOpenAIServer, RequestGate, text_reply
-from scripted_policy_server import Fault, ScriptedPolicyServer
-
-from rollout.chat_client import OpenAIChatClient
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode, user_tools_of
-from rollout.policy_client import build_policy_client
+from rollout.clients.chat import OpenAIChatClient
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.task_store import get_task_store
 from rollout.user_sim import LLMUser
+from tests.engine_helpers import real_tokenizer
+from tests.fake_openai_server import FakeOpenAIServer, RequestGate, text_reply
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
 
 TURNS = 3
 EPISODES = 64
@@ -41,12 +41,13 @@ async def _episodes(tok: Any, policy_url: str, user_url: str, count: int) -> lis
     tasks = get_task_store().tasks("telecom", "train")
     config = EpisodeConfig(max_turns=TURNS)
     policy = build_policy_client(policy_url)
-    client = OpenAIChatClient(user_url, model="user-sim", timeout_s=WAIT_S, max_retries=0)
+    client = OpenAIChatClient(user_url, model="user-sim", retry=RetryPolicy(timeout_s=WAIT_S, max_retries=0))
 
     async def one(i: int):
         task = tasks[i % len(tasks)]
-        env, view = await setup_episode(task, config)
-        user = LLMUser(task, user_tools_of(env), client)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
+        user = LLMUser(task, setup.user_tools, client)
         agent = TokenAgent(policy, tok, view, {"temperature": 1.0}, max_response_tokens=8192)
         return await run_episode(task, agent, user, config, env=env)
 

@@ -12,14 +12,14 @@ import asyncio
 from typing import Any
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder
-from scripted_policy_server import ScriptedPolicyServer
 
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import build_policy_client
-from rollout.scripted import ScriptedUser, run_tau2_orchestrator, solo_supported
+from rollout.clients.policy import build_policy_client
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
+from rollout.scripted import ScriptedUser, solo_supported
 from rollout.task_store import get_task_store
-from rollout.token_record import verify_record
+from tests.engine_helpers import gold_script_texts, opening_of, real_tokenizer, script_responder, verify_record
+from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.tau2_reference import run_tau2_orchestrator
 
 
 class SwitchableResponder:
@@ -68,7 +68,8 @@ def _run_engine(tok, url, responder, task, solo_mode: bool, max_steps: int):
 
     async def play():
         config = EpisodeConfig(solo_mode=solo_mode, max_steps=max_steps)
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url)
         agent = TokenAgent(policy, tok, view, {"temperature": 1.0}, max_response_tokens=32768)
         user = None if solo_mode else ScriptedUser(task)

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import opening_of
-from slime_standins import Sample, slime_args, slime_sampling_params
 
+from examples.slime_standin import Sample, slime_args, slime_sampling_params
 from rollout import generate_with_tau
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import build_policy_client
+from rollout.clients.policy import build_policy_client
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
-from rollout.token_record import verify_record
+from tests.engine_helpers import opening_of, verify_record
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,8 @@ def test_real_model_episode_invariants_and_logprobs(cpu_policy_server, smollm2_m
     config = EpisodeConfig(policy_variant="compact", max_turns=3)
 
     async def play():
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(cpu_policy_server, api=api, model=smollm2_model_dir.name)
         agent = TokenAgent(policy, smollm2_tokenizer, view, {"temperature": 1.0, "top_p": 1.0}, BUDGET)
         try:

@@ -9,13 +9,14 @@ import gc
 import threading
 
 import pytest
-from engine_helpers import gold_script_texts, opening_of, script_responder
-from scripted_policy_server import ScriptedPolicyServer
 
 from rollout import engine
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
 from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode, task_view
-from rollout.policy_client import RetryPolicy, build_policy_client
-from rollout.token_record import ChatRenderer, verify_record
+from rollout.token_record import ChatRenderer
+from tests.engine_helpers import gold_script_texts, opening_of, script_responder, verify_record
+from tests.scripted_policy_server import ScriptedPolicyServer
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0)
 

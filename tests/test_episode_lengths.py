@@ -3,14 +3,8 @@ budgets of rollout/budgets.py leave the measured episodes room (no timing is ass
 
 from __future__ import annotations
 
-import sys
-
-from engine_helpers import ROOT
-
+from bench import episode_lengths
 from rollout import budgets
-
-sys.path.insert(0, str(ROOT / "bench"))
-import episode_lengths
 
 
 def test_both_agents_succeed_and_fit_the_budgets(tmp_path, capsys):

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
-from engine_helpers import agent_turn_index, gold_script_texts
-from scripted_policy_server import Fault, ScriptedPolicyServer
-from tau2_gold import assertions_met_after
 
 from eval import serving
 from eval.evaluate_tau2 import main
 from rollout.scripted import gold_agent_turns, opening_message
 from rollout.task_store import get_task_store
 from rollout.tool_format import format_assistant_turn
+from tests.conftest import free_port
+from tests.engine_helpers import agent_turn_index, gold_script_texts
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
+from tests.tau2_gold import assertions_met_after
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_tau2.py"
@@ -512,8 +512,8 @@ def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_
 def _tau2_run_results(tasks: list[Any], save_to: Path) -> Path:
     """A Results JSON written by tau2's own run machinery (`tau2.run.run_tasks`, what `tau2 run` calls): the
     shotgun policy as a registered tau2 agent and the scripted customer as a registered tau2 user; no LLM."""
-    from rollout.scripted import Tau2ScriptedAgent, Tau2ScriptedUser
     from rollout.tau2_setup import import_tau2, quiet_tau2_logging
+    from tests.tau2_reference import Tau2ScriptedAgent, Tau2ScriptedUser
 
     registry = import_tau2()
     from tau2.agent.llm_agent import LLMAgent

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from engine_helpers import ROOT, gold_script_texts, script_responder
-from scripted_policy_server import Fault, ScriptedPolicyServer
-from slime_standins import OldSample, Sample, slime_args, slime_sampling_params
 
+from examples.slime_standin import OldSample, Sample, slime_args, slime_sampling_params
 from rollout import generate_with_tau
 from rollout.task_store import get_task_store
+from tests.engine_helpers import gold_script_texts, script_responder
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,8 @@ def scripted_env(monkeypatch):
 
 
 def _rows():
-    import sys
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    from tau2_mock import build_rows
+    from examples.tau2_mock import build_rows
 
     return build_rows("telecom", "train", "train")
 
@@ -94,7 +92,7 @@ def test_generate_resolves_index_prompt(tok, model_dir, scripted_env, monkeypatc
 @pytest.fixture
 def fast_retry(monkeypatch):
     """Policy clients built by generate() retry once, quickly (the turn's bound still sets each attempt's timeout)."""
-    from rollout.policy_client import RetryPolicy
+    from rollout.clients.retry import RetryPolicy
 
     monkeypatch.setattr(
         generate_with_tau,
@@ -174,9 +172,9 @@ def test_a_hung_policy_server_is_bounded_by_the_turn_deadline(tok, model_dir, sc
     async def client_timeout():
         policy = generate_with_tau.policy_for(slime_args(model_dir, 9), EpisodeConfig().turn_deadline_s())
         await generate_with_tau.close_clients()
-        return policy.retry.timeout_s, policy.retry.deadline_s
+        return policy.retry.timeout_s
 
-    assert asyncio.run(client_timeout()) == (turn_timeout_s(), turn_timeout_s())
+    assert asyncio.run(client_timeout()) == turn_timeout_s()  # one attempt never outlasts the turn's bound
     monkeypatch.setenv("TAU2_TURN_TIMEOUT_S", "0.5")
     row = _rows()[0]
     with ScriptedPolicyServer(tok, lambda p, q: Fault(delay_s=30.0, text="late")) as url:
@@ -386,13 +384,13 @@ def test_budget_from_sampling_params(tok, model_dir, scripted_env):
 
 
 def test_a_hung_user_simulator_is_bounded_by_the_turn_deadline(tok, model_dir, scripted_env, monkeypatch):
-    import rollout.user_sim
+    import rollout.episode
 
     class HungCustomer:
         async def respond(self, incoming):
             await asyncio.sleep(3600)
 
-    monkeypatch.setattr(rollout.user_sim, "build_user", lambda config, task, tools, clients: HungCustomer())
+    monkeypatch.setattr(rollout.episode, "build_user", lambda config, task, tools, clients: HungCustomer())
     monkeypatch.setenv("TAU2_TURN_TIMEOUT_S", "0.3")
     with ScriptedPolicyServer(tok, lambda p, q: "Hello") as url:
         out = _generate(slime_args(model_dir, _port(url)), Sample(prompt=0, metadata=dict(_rows()[0]["metadata"])), {})

@@ -19,7 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from slime_vendor import ROOT, require_image_pins
+
+from tests.slime_vendor import ROOT, require_image_pins
 
 pytestmark = pytest.mark.slow
 

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import ROOT, agent_turn_index, gold_script_texts, opening_of
-from scripted_policy_server import ScriptedPolicyServer
-from slime_stubs import slime_runtime
-from slime_vendor import slime_src
 
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
+from examples import qwen3_tokenizer
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import ScriptedUser
 from rollout.sft_format import RowChecker, RowMetadata, build_row, iter_jsonl
-from rollout.token_record import ChatRenderer, ChatTemplateError, verify_record
-
-sys.path.insert(0, str(ROOT / "examples"))
-import qwen3_tokenizer
+from rollout.token_record import ChatRenderer, ChatTemplateError
+from tests.engine_helpers import agent_turn_index, gold_script_texts, opening_of, verify_record
+from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.slime_stubs import slime_runtime
+from tests.slime_vendor import slime_src
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=30.0)
 
@@ -58,7 +56,8 @@ def gold_episode(qwen3, train_tasks):
 
     async def play():
         config = EpisodeConfig()
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, api="sglang", retry=FAST_RETRY)
         agent = TokenAgent(policy, qwen3, view, {"temperature": 1.0}, max_response_tokens=16384)
         try:
@@ -133,8 +132,7 @@ def test_episode_row_passes_the_checker_and_matches_slimes_qwen3_mask(qwen3, gol
 
 
 def test_gold_sft_rows_check_clean_and_match_slimes_mask(qwen3, qwen3_dir, tmp_path, monkeypatch):
-    import check_sft_data
-    import generate_sft_traces
+    from examples import check_sft_data, generate_sft_traces
 
     for var in ("TAU2_USER_KIND", "TAU2_USER_MODEL", "TAU2_USER_BASE_URL", "HF_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)

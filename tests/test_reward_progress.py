@@ -216,16 +216,26 @@ def test_airline_and_retail_use_the_database_as_the_state(domain, task_id):
 
 
 def test_engine_measures_its_live_environment_and_the_adapter_copies_it(tok):
-    from rollout.engine import EpisodeConfig, ScriptedAgent, run_episode
+    from examples.slime_standin import Sample
+    from rollout.engine import AgentTurn, EpisodeConfig, run_episode
     from rollout.generate_with_tau import fill_sample
-    from rollout.scripted import ScriptedUser, gold_agent_turns
-    from tests.slime_standins import Sample
+    from rollout.scripted import ScriptedPolicyAgent, ScriptedUser, gold_agent_turns
 
     t = task(DATA_AND_ROAMING)
     turns = gold_agent_turns(t, solo_mode=False)
 
+    class ScriptThenBudget(ScriptedPolicyAgent):
+        """These turns, then out of budget: the episode ends truncated."""
+
+        async def act(self, new_messages: list[dict], turn_index: int) -> AgentTurn:
+            if turn_index >= len(self.turns):
+                return AgentTurn(finish_reason="budget")
+            return await super().act(new_messages, turn_index)
+
     async def episode(script):
-        return await run_episode(t, ScriptedAgent(script), ScriptedUser(t), EpisodeConfig(domain="telecom"))
+        agent = ScriptThenBudget("gold", t)
+        agent.turns = script
+        return await run_episode(t, agent, ScriptedUser(t), EpisodeConfig(domain="telecom"))
 
     full = asyncio.run(episode(turns))
     assert full.reward == 1.0 and full.progress["done_actions"] == full.progress["target_actions"] == 2
@@ -411,9 +421,9 @@ def test_real_model_rollouts_carry_progress_figures_to_the_post_process(
 ):
     """SmolLM2-135M through slime's generate function and the reward post-process: each sample's progress figures are
     those of its own trajectory replayed on a fresh environment, and the progress credit is the one used."""
-    from slime_standins import Sample, slime_args, slime_sampling_params
     from tau2.data_model.simulation import SimulationRun
 
+    from examples.slime_standin import Sample, slime_args, slime_sampling_params
     from reward.tau2_reward_shaping import tau2_reward_post_process
     from rollout import generate_with_tau
 

@@ -8,8 +8,8 @@ import logging
 import math
 
 import pytest
-from slime_standins import OldSample, Sample
 
+from examples.slime_standin import OldSample, Sample
 from reward import dynamic_filter
 from reward.tau2_reward_shaping import ShapingConfig, shape_reward
 from rollout import rollout_log
@@ -67,7 +67,7 @@ def test_success_is_over_valid_samples_and_failures_are_counted_apart():
     assert metrics["infra_failure_rate"] == pytest.approx(3 / 6)
     assert metrics["user_sim_failures"] == 1
     assert metrics["success_rate"] == pytest.approx(2 / 3)
-    config = ShapingConfig.from_env()
+    config = ShapingConfig.current()
     valid = samples[:3]
     partials = [shape_reward(s.metadata, s.reward, config)[1] for s in valid]
     assert metrics["partial_mean"] == pytest.approx(sum(partials) / 3)

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from eval import serving
 from eval.evaluate_tau2 import main as evaluate_main
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_tau2.py"
@@ -44,10 +44,9 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 # An evaluator stand-in: starts the server through policy_server, says so, then waits to be killed.
 OWNER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 from eval import serving
-spec = serving.ServerSpec.model_validate_json(sys.argv[2])
-with serving.policy_server(spec, [sys.executable, "-c", sys.argv[3], str(spec.port), sys.argv[4]]) as server:
+spec = serving.ServerSpec.model_validate_json(sys.argv[1])
+with serving.policy_server(spec, [sys.executable, "-c", sys.argv[2], str(spec.port), sys.argv[3]]) as server:
     print("UP", server.pid, flush=True)
     time.sleep(3600)
 """
@@ -92,7 +91,7 @@ def cleanup() -> Iterator[list[int]]:
 def _kill_owner_after_start(spec: serving.ServerSpec, mode: str, cleanup: list[int]) -> int:
     """Run an owner that starts a server, SIGKILL the owner once the server answers; returns the server's pid."""
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, str(ROOT), spec.model_dump_json(), HEALTH_SERVER, mode],
+        [sys.executable, "-c", OWNER, spec.model_dump_json(), HEALTH_SERVER, mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

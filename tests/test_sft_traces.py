@@ -9,19 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import ROOT, agent_turn_index, gold_script_texts
-from fake_openai_server import FakeOpenAIServer, FakeReply
-from scripted_policy_server import ScriptedPolicyServer
-from tau2_gold import assertions_met_after
 
-from rollout.engine import EpisodeConfig, TokenAgent, run_episode, setup_episode
-from rollout.policy_client import RetryPolicy, build_policy_client
+from examples import check_sft_data, generate_sft_traces
+from rollout.clients.policy import build_policy_client
+from rollout.clients.retry import RetryPolicy
+from rollout.engine import EpisodeConfig, TokenAgent, prepare_episode, run_episode
 from rollout.scripted import TRANSFER_MESSAGE, ScriptedUser, gold_agent_turns, opening_message, solo_supported
 from rollout.sft_format import (
     GREETING,
@@ -37,10 +34,10 @@ from rollout.sft_format import (
 )
 from rollout.task_store import get_task_store
 from rollout.tool_format import format_assistant_turn
-
-sys.path.insert(0, str(ROOT / "examples"))
-import check_sft_data
-import generate_sft_traces
+from tests.engine_helpers import agent_turn_index, gold_script_texts
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply
+from tests.scripted_policy_server import ScriptedPolicyServer
+from tests.tau2_gold import assertions_met_after
 
 FAST_RETRY = RetryPolicy(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=10.0)
 
@@ -196,7 +193,8 @@ def test_row_renders_exactly_what_the_rollout_engine_builds(train_tasks, smollm2
 
     async def play():
         config = EpisodeConfig(solo_mode=solo)
-        env, view = await setup_episode(task, config)
+        setup = await prepare_episode(task, config)
+        env, view = setup.env, setup.view
         policy = build_policy_client(url, api="sglang", retry=FAST_RETRY)
         agent = TokenAgent(policy, tok, view, {"temperature": 1.0}, max_response_tokens=8192)
         user = None if solo else ScriptedUser(task)
@@ -437,7 +435,7 @@ def test_user_simulator_flags_complete_the_environment(monkeypatch, tmp_path, sc
     assert made.secret() == "user-secret-value" and "user-secret-value" not in json.dumps(made.public_dict())
     with pytest.raises(SystemExit, match="TAU2_USER_MODEL"):
         config()
-    with pytest.raises(SystemExit, match="base-url"):
+    with pytest.raises(SystemExit, match="needs TAU2_USER_BASE_URL"):
         config("--user-kind", "llm", "--user-model", "m")
     monkeypatch.setenv("TAU2_USER_KIND", "solo")
     with pytest.raises(SystemExit, match="--solo"):

@@ -25,17 +25,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from engine_helpers import agent_turn_index, gold_script_texts
-from scripted_policy_server import Fault, ScriptedPolicyServer
-from slime_standins import Sample as StandinSample
-from slime_stubs import slime_runtime
-from slime_vendor import ROOT, megatron_src, require_megatron, require_slime
-from test_launchers import base_env, cluster_inputs, dry_run, runtime_env, submit_command, train_args
 
+from examples.slime_standin import Sample as StandinSample
 from rollout import budgets, generate_with_tau
 from rollout.scripted import TRANSFER_MESSAGE, TRANSFER_TOOL, ScriptedUser, opening_message
 from rollout.task_store import get_task_store
 from rollout.tool_format import format_assistant_turn
+from tests.engine_helpers import agent_turn_index, gold_script_texts
+from tests.scripted_policy_server import Fault, ScriptedPolicyServer
+from tests.slime_stubs import slime_runtime
+from tests.slime_vendor import ROOT, megatron_src, require_megatron, require_slime
+from tests.test_launchers import base_env, cluster_inputs, dry_run, runtime_env, submit_command, train_args
 
 SLIME = require_slime()
 PRE_PARSED = {"--debug-train-only": 0, "--debug-rollout-only": 0, "--train-backend": 1, "--load-debug-rollout-data": 1}
@@ -213,8 +213,7 @@ class SglangDouble(ScriptedPolicyServer):
 
 def _rows_by_opening(split: str = "train") -> dict[str, dict[str, Any]]:
     """One task per distinct opening message (the responder tells tasks apart by it), none that transfers."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from tau2_mock import build_rows
+    from examples.tau2_mock import build_rows
 
     chosen: dict[str, dict[str, Any]] = {}
     for row in build_rows("telecom", split, split):
@@ -281,7 +280,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
     from slime.utils.http_utils import init_http_client
     from slime.utils.types import Sample
 
-    import rollout.user_sim
+    import rollout.episode
 
     openings = list(_rows_by_opening().values())
     rows = list(zip("ABCD", openings[:4]))
@@ -313,7 +312,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
         monkeypatch.delenv(var, raising=False)
 
     scenario = Scenario(rows, generate_with_tau.slime_aborted)
-    monkeypatch.setattr(rollout.user_sim, "build_user", scenario.build_user)
+    monkeypatch.setattr(rollout.episode, "build_user", scenario.build_user)
     server = SglangDouble(tok, scenario.respond)
     with server as url:
         args.sglang_router_ip, args.sglang_router_port = "127.0.0.1", int(url.rsplit(":", 1)[1])
@@ -396,7 +395,7 @@ def test_a_grpo_batch_through_slimes_rollout_path(slime, tmp_path, monkeypatch, 
             opening_message(get_task_store().get("telecom", r["metadata"]["task_id"])): r for r in eval_rows
         }
         assert len(eval_scripts) >= 1
-        monkeypatch.setattr(rollout.user_sim, "build_user", lambda c, task, tools, clients: ScriptedUser(task))
+        monkeypatch.setattr(rollout.episode, "build_user", lambda c, task, tools, clients: ScriptedUser(task))
         scenario.by_opening = {}
         scenario.scripts = {}
         for row in eval_rows:

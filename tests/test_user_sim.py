@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, text_reply, tool_call_reply
 
-from rollout.chat_client import OpenAIChatClient, clean_messages
+from rollout.clients.chat import OpenAIChatClient, clean_messages
+from rollout.clients.retry import RetryPolicy
+from rollout.engine import EpisodeUser
 from rollout.scripted import ScriptedUser
 from rollout.task_store import get_task_store
 from rollout.tau2_setup import import_tau2
 from rollout.user_sim import (
-    EpisodeUser,
     LLMUser,
     UserSimConfig,
     UserSimulatorError,
@@ -24,6 +24,7 @@ from rollout.user_sim import (
     close_user_clients,
     get_user_client,
 )
+from tests.fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, text_reply, tool_call_reply
 
 registry = import_tau2()
 
@@ -83,7 +84,6 @@ def play_llm_user(task, tools, client, incoming_factory):
                 replies.append(reply)
                 incoming = incoming_factory(reply)
         finally:
-            await user.aclose()
             await client.aclose()
         return user, replies
 
@@ -125,7 +125,7 @@ def test_llm_user_sends_what_tau2_sends(server, task, env):
     def next_incoming(reply):
         return env2.get_response(reply.message.tool_calls[0]) if reply.message.is_tool_call() else None
 
-    client = OpenAIChatClient(server.base_url, "fake-model", backoff_base_s=0.001)
+    client = OpenAIChatClient(server.base_url, "fake-model", retry=RetryPolicy(backoff_base_s=0.001))
     user, replies = play_llm_user(task, tools, client, next_incoming)
     ours = [r.body for r in server.requests]
 
@@ -201,7 +201,8 @@ def test_llm_user_without_tools_sends_no_tools(server, task):
 
 def test_server_failure_becomes_user_simulator_error(server, task):
     server.enqueue(*[error_reply(503, f"down {SECRET}") for _ in range(2)])
-    client = OpenAIChatClient(server.base_url, "fake-model", api_key=SECRET, max_retries=1, backoff_base_s=0.001)
+    retry = RetryPolicy(max_retries=1, backoff_base_s=0.001)
+    client = OpenAIChatClient(server.base_url, "fake-model", api_key=SECRET, retry=retry)
     with pytest.raises(UserSimulatorError, match="after 2 attempts") as info:
         play_llm_user(task, None, client, lambda reply: None)
     assert SECRET not in str(info.value)
@@ -228,17 +229,18 @@ def test_tool_call_with_broken_json_every_time_fails_clearly(server, task, env):
     assert len(server.requests) == 4 and server.pending == 0
 
 
-def _play_episode_with_llm_user(task, server_url, **client_options):
+def _play_episode_with_llm_user(task, server_url, turn_timeout_s=None, retry=None, **client_options):
     """One episode whose user is the LLM user at server_url; the agent plays the gold script (never reached when
     the user's first reply fails)."""
-    from rollout.engine import EpisodeConfig, ScriptedAgent, run_episode
-    from rollout.scripted import gold_agent_turns
+    from rollout.engine import EpisodeConfig, run_episode
+    from rollout.scripted import ScriptedPolicyAgent
 
     async def main():
-        client = OpenAIChatClient(server_url, "fake-model", backoff_base_s=0.001, **client_options)
+        retry_policy = retry or RetryPolicy(backoff_base_s=0.001)
+        client = OpenAIChatClient(server_url, "fake-model", retry=retry_policy, **client_options)
         try:
-            user = LLMUser(task, None, client)
-            agent = ScriptedAgent(gold_agent_turns(task, solo_mode=False))
+            user = LLMUser(task, None, client, turn_timeout_s=turn_timeout_s)
+            agent = ScriptedPolicyAgent("gold", task)
             return await run_episode(task, agent, user, EpisodeConfig())
         finally:
             await client.aclose()
@@ -263,11 +265,25 @@ def test_broken_tool_call_then_a_good_reply_keeps_the_episode(server, task):
     assert result.termination_reason == "user_stop" and len(server.requests) == 2
 
 
-def test_user_simulator_waits_are_bounded_by_default():
+def config_from(monkeypatch, env: dict[str, str]) -> UserSimConfig:
+    """UserSimConfig read from exactly these variables."""
+    for name in (*(UserSimConfig.env_name(field) for field in UserSimConfig.model_fields), *KEY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return UserSimConfig()
+
+
+KEY_VARIABLES = ("OPENAI_API_KEY", "GEMINI_API_KEY")
+
+
+def test_user_simulator_waits_are_bounded_by_default(task, monkeypatch):
     config = UserSimConfig(kind="llm", model="m", base_url="http://127.0.0.1:9/v1")
-    client = get_user_client(config, {})
-    assert (client.timeout_s, client.max_retries, client.call_timeout_s, client.max_reasks) == (120.0, 6, 300.0, 3)
-    tuned = UserSimConfig.from_env(
+    user = build_user(config, task, None, {})
+    limits = (user.client.retry.timeout_s, user.client.retry.max_retries, user.client.max_reasks, user.turn_timeout_s)
+    assert limits == (120.0, 6, 3, 300.0)
+    tuned = config_from(
+        monkeypatch,
         {
             "TAU2_USER_KIND": "llm",
             "TAU2_USER_MODEL": "m",
@@ -275,28 +291,33 @@ def test_user_simulator_waits_are_bounded_by_default():
             "TAU2_USER_TIMEOUT_S": "20",
             "TAU2_USER_MAX_RETRIES": "1",
             "TAU2_USER_CALL_TIMEOUT_S": "45",
-        }
+        },
     )
-    client = get_user_client(tuned, {})
-    assert (client.timeout_s, client.max_retries, client.call_timeout_s) == (20.0, 1, 45.0)
+    user = build_user(tuned, task, None, {})
+    assert (user.client.retry.timeout_s, user.client.retry.max_retries, user.turn_timeout_s) == (20.0, 1, 45.0)
 
 
 def test_hung_user_simulator_fails_the_turn_at_the_call_limit(server, task):
     # A server that accepts every request and never answers; the retries alone would allow 101 attempts.
     server.default = text_reply("too late", delay_s=3600)
-    client = OpenAIChatClient(
-        server.base_url, "fake-model", timeout_s=0.2, max_retries=100, call_timeout_s=1.0, backoff_base_s=0.001
-    )
-    with pytest.raises(UserSimulatorError, match=r"no usable reply within the call limit of 1 s") as info:
-        play_llm_user(task, None, client, lambda reply: None)
-    assert "timed out" in str(info.value)
-    assert len(server.requests) < 101
+    retry = RetryPolicy(timeout_s=0.2, max_retries=100, backoff_base_s=0.001)
+    result = _play_episode_with_llm_user(task, server.base_url, turn_timeout_s=1.0, retry=retry)
+    assert result.status == "failed" and result.termination_reason == "timeout"
+    assert "user simulator produced no turn within 1 s (TAU2_USER_CALL_TIMEOUT_S)" in result.failure
+    assert 1 <= len(server.requests) < 101
+
+    # A Retry-After past the call limit: the turn still ends at the limit, with no second request.
+    server.default = None
+    server.requests.clear()
+    server.enqueue(error_reply(503, retry_after=3600), text_reply("too late"))
+    retry = RetryPolicy(backoff_base_s=0.001, backoff_max_s=7200)
+    result = _play_episode_with_llm_user(task, server.base_url, turn_timeout_s=1.0, retry=retry)
+    assert result.termination_reason == "timeout" and "TAU2_USER_CALL_TIMEOUT_S" in result.failure
+    assert len(server.requests) == 1 and server.pending == 1
 
 
 def test_config_from_env_and_secrets(monkeypatch):
-    for name in ("TAU2_USER_KIND", "TAU2_USER_MODEL", "TAU2_USER_BASE_URL", "TAU2_USER_API_KEY", "OPENAI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    default = UserSimConfig.from_env()
+    default = config_from(monkeypatch, {})
     assert default.kind == "scripted" and default.temperature == 0.0 and default.api_key is None
 
     env = {
@@ -309,7 +330,7 @@ def test_config_from_env_and_secrets(monkeypatch):
         "TAU2_USER_MAX_RETRIES": "2",
         "TAU2_USER_EXTRA_ARGS": '{"max_tokens": 512}',
     }
-    config = UserSimConfig.from_env(env)
+    config = config_from(monkeypatch, env)
     assert config.kind == "llm" and config.model == "Qwen3-4B-Instruct-2507"
     assert config.base_url == "http://127.0.0.1:30001/v1"
     assert (config.temperature, config.timeout_s, config.max_retries) == (0.7, 30.0, 2)
@@ -320,15 +341,15 @@ def test_config_from_env_and_secrets(monkeypatch):
     for text in (str(public), repr(config), str(config), config.model_dump_json(), str(config.model_dump())):
         assert SECRET not in text
 
-    assert UserSimConfig.from_env({**env, "TAU2_USER_API_KEY": "sk-explicit"}).secret() == "sk-explicit"
-    gemini = UserSimConfig.from_env(
-        {"TAU2_USER_KIND": "gemini", "TAU2_USER_MODEL": "gemini-2.5-flash", "GEMINI_API_KEY": SECRET}
+    assert config_from(monkeypatch, {**env, "TAU2_USER_API_KEY": "sk-explicit"}).secret() == "sk-explicit"
+    gemini = config_from(
+        monkeypatch, {"TAU2_USER_KIND": "gemini", "TAU2_USER_MODEL": "gemini-2.5-flash", "GEMINI_API_KEY": SECRET}
     )
     assert gemini.secret() == SECRET and gemini.base_url is None
-    assert (
-        UserSimConfig.from_env({"TAU2_USER_KIND": "llm", "TAU2_USER_MODEL": "m", "TAU2_USER_BASE_URL": "u"}).api_key
-        is None
-    )
+    bare = {"TAU2_USER_KIND": "llm", "TAU2_USER_MODEL": "m", "TAU2_USER_BASE_URL": "u"}
+    assert config_from(monkeypatch, bare).api_key is None
+    # Keyword arguments win over the variables (the evaluator's --user-* flags).
+    assert UserSimConfig(kind="scripted").kind == "scripted" and UserSimConfig(temperature=0.3).model == "m"
 
 
 @pytest.mark.parametrize(
@@ -348,7 +369,7 @@ def test_config_from_env_and_secrets(monkeypatch):
         ({"TAU2_USER_EXTRA_ARGS": "{bad"}, "TAU2_USER_EXTRA_ARGS"),
     ],
 )
-def test_config_bad_values_name_the_variable(override, variable):
+def test_config_bad_values_name_the_variable(override, variable, monkeypatch):
     env = {
         "TAU2_USER_KIND": "llm",
         "TAU2_USER_MODEL": "m",
@@ -356,7 +377,7 @@ def test_config_bad_values_name_the_variable(override, variable):
         "OPENAI_API_KEY": SECRET,
     }
     with pytest.raises(ValueError, match=variable) as info:
-        UserSimConfig.from_env({**env, **override})
+        config_from(monkeypatch, {**env, **override})
     assert SECRET not in str(info.value)
 
 

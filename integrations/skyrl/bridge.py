@@ -20,15 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.engine import AgentTurn, EpisodeConfig, EpisodeResult, prepare_episode, run_episode
-from rollout.tau2_setup import import_tau2
-from rollout.tool_format import parse_assistant_text
-from rollout.user_sim import UserSimConfig, build_user
-
-import_tau2()
-
-from tau2.data_model.message import AssistantMessage, ToolCall  # noqa: E402
-from tau2.data_model.tasks import Task  # noqa: E402
+from rollout.engine import AgentTurn, EpisodeResult, parse_turn
+from rollout.episode import Episode
+from rollout.settings import EpisodeConfig, UserSimConfig
 
 # Special tokens a client may leave at the end of the decoded turn (SkyRL's remote client decodes without
 # skip_special_tokens, so Qwen's text ends with <|im_end|>): they end the turn, they are not part of it.
@@ -77,18 +71,7 @@ class EpisodeEnd:
 
 def policy_turn(text: str, turn_index: int, max_tool_calls: int | None = None) -> AgentTurn:
     """The policy's decoded turn as the engine's AgentTurn, parsed as TokenAgent parses a sampled turn."""
-    body = _TRAILING_SPECIAL_TOKENS.sub("", text)
-    turn = AgentTurn(raw_text=body)
-    parsed = parse_assistant_text(body, None, max_tool_calls)
-    if parsed.error:
-        turn.error = parsed.error
-        return turn
-    calls = [
-        ToolCall(id=f"call_{turn_index}_{k}", name=call.name, arguments=call.arguments, requestor="assistant")
-        for k, call in enumerate(parsed.tool_calls)
-    ]
-    turn.message = AssistantMessage(role="assistant", content=parsed.content or None, tool_calls=calls or None)
-    return turn
+    return parse_turn(AgentTurn(raw_text=_TRAILING_SPECIAL_TOKENS.sub("", text)), turn_index, max_tool_calls)
 
 
 class _BridgeAgent:
@@ -115,7 +98,7 @@ class EpisodeBridge:
 
     def __init__(
         self,
-        task: Task,
+        task: Any,
         config: EpisodeConfig,
         user_config: UserSimConfig,
         wait_timeout_s: float | None = None,
@@ -177,17 +160,14 @@ class EpisodeBridge:
     async def _play(self) -> None:
         result: EpisodeResult | None = None
         failure: str | None = None
-        user = None
         try:
-            setup = await prepare_episode(self.task, self.config)
-            self.view = setup.view
-            if not self.config.solo_mode:
-                user = build_user(self.user_config, self.task, setup.user_tools, _USER_CLIENTS)
-            result = await run_episode(self.task, _BridgeAgent(self), user, self.config, env=setup.env)
+            episode = await Episode.start(
+                self.task, self.config, lambda view: _BridgeAgent(self), self.user_config, _USER_CLIENTS
+            )
+            self.view = episode.view
+            result = await episode.play()
             failure = result.failure if result.status == "failed" else None
         except Exception as err:  # set-up failures (bad task, user config): this episode ends, nothing else does
             failure = f"{type(err).__name__}: {err}"
         finally:
-            if user is not None:
-                await user.aclose()
             self._events.put(EpisodeEnd(result=result, failure=failure))

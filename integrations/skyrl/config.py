@@ -20,7 +20,8 @@ from skyrl.train.config import SkyRLTrainConfig
 from skyrl.train.config.config import EnvironmentConfig, SkyRLGymConfig
 
 from integrations.skyrl.env import ENV_IDS, Tau2EnvConfig
-from rollout.engine import EpisodeConfig, prepare_episode
+from rollout.engine import prepare_episode
+from rollout.settings import EpisodeConfig
 from rollout.task_store import get_task_store
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def load_config(argv: list[str] | None = None) -> Tau2TrainConfig:
         valid = ", ".join(sorted(DOMAIN_OF_ENV))
         raise SystemExit(f"main_tau2: environment.env_class={env_class!r} is not a tau2 environment ({valid})")
     env_settings = Tau2EnvConfig.coerce(getattr(cfg.environment.skyrl_gym, env_class))
-    solo = bool(env_settings.solo_mode) if env_settings.solo_mode is not None else EpisodeConfig.from_env().solo_mode
+    solo = bool(env_settings.solo_mode) if env_settings.solo_mode is not None else EpisodeConfig().solo_mode
     tools = engine_tools(domain, solo)
     given = cfg.generator.chat_template_kwargs.get("tools")
     if given is not None and given != tools:

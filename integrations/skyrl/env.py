@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
@@ -34,21 +33,21 @@ from skyrl_gym.envs.registration import register, registry
 
 from integrations.skyrl.bridge import EpisodeBridge, EpisodeEnd, Observation
 from reward.tau2_reward_shaping import ShapingConfig, is_success, shape_reward
-from rollout.engine import EpisodeConfig
+from rollout.settings import EpisodeConfig, UserSimConfig
 from rollout.task_store import task_from_metadata
-from rollout.user_sim import UserSimConfig
 
 log = logging.getLogger(__name__)
 
 ENV_IDS: dict[str, str] = {"telecom": "tau2_telecom", "airline": "tau2_airline", "retail": "tau2_retail"}
 REWARD_KINDS = ("shaped", "tau2")
-USER_SETTING_VARS = {
-    "user_kind": "TAU2_USER_KIND",
-    "user_model": "TAU2_USER_MODEL",
-    "user_base_url": "TAU2_USER_BASE_URL",
-    "user_temperature": "TAU2_USER_TEMPERATURE",
-    "user_timeout_s": "TAU2_USER_TIMEOUT_S",
-    "user_max_retries": "TAU2_USER_MAX_RETRIES",
+# Tau2EnvConfig's user-simulator fields -> UserSimConfig's (TAU2_USER_*).
+USER_SETTINGS = {
+    "user_kind": "kind",
+    "user_model": "model",
+    "user_base_url": "base_url",
+    "user_temperature": "temperature",
+    "user_timeout_s": "timeout_s",
+    "user_max_retries": "max_retries",
 }
 
 
@@ -56,8 +55,8 @@ USER_SETTING_VARS = {
 class Tau2EnvConfig:
     """The environment's settings (environment.skyrl_gym.tau2_<domain> in a SkyRL config).
 
-    Episode and user-simulator fields left at None fall back to the recipe's TAU2_* variables (EpisodeConfig.from_env,
-    UserSimConfig.from_env) and then to their defaults; the user simulator's API key is only ever read from the
+    Episode and user-simulator fields left at None fall back to the recipe's TAU2_* variables (rollout.settings:
+    EpisodeConfig, UserSimConfig) and then to their defaults; the user simulator's API key is only ever read from the
     environment (TAU2_USER_API_KEY, OPENAI_API_KEY or GEMINI_API_KEY)."""
 
     reward: str = "shaped"
@@ -104,15 +103,15 @@ class Tau2EnvConfig:
         overrides = {name: value for name, value in overrides.items() if value is not None}
         if max_turns is not None:
             overrides["max_turns"] = max_turns
-        return EpisodeConfig.from_env(domain=domain, **overrides)
+        return EpisodeConfig(domain=domain, **overrides)
 
     def user_config(self) -> UserSimConfig:
         """The user simulator: these settings over the TAU2_USER_* variables, checked as the slime path checks them
-        (UserSimConfig.from_env: an LLM user needs a model and a URL; the key falls back by kind)."""
-        overlay = {
-            var: str(getattr(self, name)) for name, var in USER_SETTING_VARS.items() if getattr(self, name) is not None
+        (an LLM user needs a model and a URL; the key falls back by kind)."""
+        overrides = {
+            field: getattr(self, name) for name, field in USER_SETTINGS.items() if getattr(self, name) is not None
         }
-        return UserSimConfig.from_env({**os.environ, **overlay})
+        return UserSimConfig(**overrides)
 
 
 def _end_metrics(end: EpisodeEnd, reward: float, shaped: float, partial: float) -> dict[str, float]:
@@ -159,7 +158,7 @@ class Tau2Env(BaseTextEnv):
         max_turns = extras.get("max_turns")
         self.max_turns = int(max_turns) if max_turns else 0
         self.episode = self.settings.episode_config(domain, self.max_turns or None)
-        self.shaping = ShapingConfig.from_env()
+        self.shaping = ShapingConfig.current()
         self.bridge = EpisodeBridge(
             self.task, self.episode, self.settings.user_config(), wait_timeout_s=self.settings.wait_timeout_s
         )

@@ -26,16 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-for _path in (ROOT, ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from tau2_mock import build_rows  # noqa: E402
-
-from integrations.skyrl.env import ENV_IDS  # noqa: E402
-from rollout.engine import EpisodeConfig, prepare_episode  # noqa: E402
-from rollout.task_store import get_task_store  # noqa: E402
+from examples.tau2_mock import build_rows
+from integrations.skyrl.env import ENV_IDS
+from rollout.engine import prepare_episode
+from rollout.settings import EpisodeConfig
+from rollout.task_store import get_task_store
 
 # Output file -> tau2 split.
 SPLIT_FILES = {"train.parquet": "train", "validation.parquet": "test"}

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from integrations.skyrl.tests import support  # noqa: F401 (puts the recipe's tests/ and examples/ on sys.path)
-
 
 @pytest.fixture(scope="session")
 def tok() -> Any:
-    from prepare_cpu_model import load_tokenizer, prepare_cpu_model
+    from examples.prepare_cpu_model import prepare_cpu_model
+    from rollout.token_record import load_tokenizer
 
     return load_tokenizer(prepare_cpu_model())
 

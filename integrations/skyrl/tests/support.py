@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[3]
-for _path in (ROOT, ROOT / "tests", ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 
 def skip_reason() -> str | None:
@@ -35,13 +32,13 @@ def skip_reason() -> str | None:
 
 
 def gold_texts(task: Any, solo_mode: bool = False) -> list[str]:
-    from engine_helpers import gold_script_texts
+    from tests.engine_helpers import gold_script_texts
 
     return gold_script_texts(task, solo_mode)
 
 
 def turn_index_of(prompt_text: str, solo_mode: bool = False) -> int:
-    from engine_helpers import agent_turn_index
+    from tests.engine_helpers import agent_turn_index
 
     return agent_turn_index(prompt_text, solo_mode)
 
@@ -158,7 +155,7 @@ def scripted_client(
 def policy_server_client(tokenizer: Any, url: str, model: str) -> Any:
     """An InferenceEngineInterface over a real inference server's token-in-token-out `/v1/completions` (vLLM's wire,
     served here by scripts/cpu_policy_server.py): the sampled ids verbatim, with their log-probs."""
-    from rollout.policy_client import build_policy_client
+    from rollout.clients.policy import build_policy_client
 
     class PolicyServerInferenceClient(_Unused, _interface()):
         def __init__(self) -> None:

@@ -150,10 +150,10 @@ def _task_with_agent_action(tasks: list[Any], name: str) -> Any:
 
 def test_wrong_script_fails_as_tau2_says(tok: Any, test_tasks: list[Any], telecom_view: Any, monkeypatch: Any) -> None:
     """Leave the data refuel out of a gold script: SkyRL's episode ends as tau2's own Orchestrator's does."""
-    import rollout.scripted as scripted
+    from tests import tau2_reference
 
     task = _task_with_agent_action(test_tasks, "refuel_data")
-    gold = scripted.gold_agent_turns(task, False)
+    gold = gold_agent_turns(task, False)
     wrong = [t for t in gold if not any(c["name"] == "refuel_data" for c in t.tool_calls)]
     texts = [format_assistant_turn(t.content, t.tool_calls) for t in wrong]
 
@@ -164,8 +164,8 @@ def test_wrong_script_fails_as_tau2_says(tok: Any, test_tasks: list[Any], teleco
     out = generate(generator, [(opening_of(telecom_view), env_id, extras_of(task), task.id)])
     env = RecordingTau2Env.made[-1]
 
-    monkeypatch.setattr(scripted, "gold_agent_turns", lambda task, solo_mode: wrong)
-    tau2_run = scripted.run_tau2_orchestrator(task, solo_mode=False, max_steps=200, max_errors=10)
+    monkeypatch.setattr(tau2_reference, "gold_agent_turns", lambda task, solo_mode: wrong)
+    tau2_run = tau2_reference.run_tau2_orchestrator(task, solo_mode=False, max_steps=200, max_errors=10)
     tau2_info = tau2_run.reward_info.model_dump(mode="json")
 
     metadata = env.end_metadata
@@ -290,7 +290,7 @@ def test_failing_user_simulator_ends_one_episode_not_the_batch(
 ) -> None:
     """One episode's LLM user simulator answers the greeting, then fails (HTTP 500, no retries): that episode ends
     failed with reward 0; the two gold episodes beside it in the batch score 1."""
-    from fake_openai_server import FakeOpenAIServer, FakeReply, text_reply
+    from tests.fake_openai_server import FakeOpenAIServer, FakeReply, text_reply
 
     RecordingTau2Env.made.clear()
     gold_a, broken, gold_b = test_tasks[1], test_tasks[2], test_tasks[3]

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from typing import Any
 
 import pytest
 
-from integrations.skyrl.tests.support import ROOT, skip_reason
+from integrations.skyrl.tests.support import skip_reason
 
 if reason := skip_reason():
     pytest.skip(reason, allow_module_level=True)
@@ -24,22 +23,12 @@ from integrations.skyrl.tests.test_generator import (
 )
 
 
-def _recipe_test_fixtures() -> Any:
-    """The recipe's tests/conftest.py (it starts and stops the CPU policy server), loaded under a name of its own."""
-    spec = importlib.util.spec_from_file_location("recipe_test_conftest", ROOT / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_real_model_episode_through_the_cpu_policy_server(tok: Any, test_tasks: list[Any], tmp_path: Any) -> None:
-    from prepare_cpu_model import prepare_cpu_model
-
+    from examples.prepare_cpu_model import prepare_cpu_model
     from rollout.engine import EpisodeConfig, prepare_episode
+    from tests.conftest import running_cpu_server  # the recipe's: starts and stops the CPU policy server
 
-    fixtures = _recipe_test_fixtures()
     model_dir = prepare_cpu_model()
     task = test_tasks[0]
     # The compact policy keeps SmolLM2's prompt short (~3k tokens with the tool schemas).
@@ -47,7 +36,7 @@ def test_real_model_episode_through_the_cpu_policy_server(tok: Any, test_tasks: 
     params = {"max_tokens": 32, "temperature": 0.0, "logprobs": 1}
     RecordingTau2Env.made.clear()
 
-    with fixtures.running_cpu_server(model_dir, tmp_path / "server.log") as server:
+    with running_cpu_server(model_dir, tmp_path / "server.log") as server:
         client = policy_server_client(tok, server.url, model=model_dir.name)
         generator = make_generator(
             tok, client, view.tools, env_configs={recorded_env_id("real"): {"policy_variant": "compact"}}, max_turns=2

@@ -1,18 +1,21 @@
 """Token-in-token-out clients for the policy server: sglang's native /generate and OpenAI-style /v1/completions.
 
 Both return the sampled token ids verbatim with their log-probs, so the trainer sees exactly what was sampled.
+`sglang_generate_response` writes sglang's /generate answer: the CPU server (scripts/cpu_policy_server.py) and every
+test or benchmark double answer with it, so they and this client agree with sglang by construction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any, Literal, Protocol
 
 import aiohttp
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+
+from rollout.clients.retry import Retryable, RetryPolicy, is_retryable_status, parse_retry_after
 
 FinishReason = Literal["stop", "length", "abort"]
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -25,22 +28,55 @@ _OPENAI_DROP = {"no_stop_trim", "spaces_between_special_tokens", "stop_token_ids
 class PolicyOutput(BaseModel):
     token_ids: list[int]
     logprobs: list[float]
-    text: str = ""
     finish_reason: FinishReason
     abort_message: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     weight_version: str | None = None
     latency_s: float = 0.0
-    attempts: int = 1
+
+
+def sglang_generate_response(
+    output_ids: list[int],
+    text: str,
+    finish_type: FinishReason,
+    *,
+    rid: str,
+    prompt_tokens: int,
+    cached_tokens: int = 0,
+    matched: int | str | None = None,
+    abort_message: str = "request aborted",
+    logprobs: list[float] | None = None,
+    token_texts: list[str | None] | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
+    """The body of sglang's `POST /generate` answer for one prompt: `text`, `output_ids` and `meta_info` with the
+    request id, `finish_reason` ({"type": "stop", "matched": id | str | None}, {"type": "length", "length": N} or
+    {"type": "abort", "message": ...}), prompt, completion and cached token counts, any `meta` given
+    (weight_version, e2e_latency, output_top_logprobs) and, when `logprobs` are given (`return_logprob`),
+    `output_token_logprobs`: one [logprob, token id, text or None] per output id."""
+    if finish_type == "stop":
+        finish: dict[str, Any] = {"type": "stop", "matched": matched}
+    elif finish_type == "length":
+        finish = {"type": "length", "length": len(output_ids)}
+    else:
+        finish = {"type": "abort", "message": abort_message}
+    meta_info: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": finish,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(output_ids),
+        "cached_tokens": cached_tokens,
+        **meta,
+    }
+    if logprobs is not None:
+        texts = token_texts if token_texts is not None else [None] * len(output_ids)
+        meta_info["output_token_logprobs"] = [list(entry) for entry in zip(logprobs, output_ids, texts, strict=True)]
+    return {"text": text, "output_ids": list(output_ids), "meta_info": meta_info}
 
 
 class PolicyServerError(RuntimeError):
     """The policy server could not produce a turn (down, overloaded past all retries, or a bad request)."""
-
-
-class PolicyTimeout(PolicyServerError):
-    """No answer within the request's deadline (RetryPolicy.deadline_s), all attempts included."""
 
 
 class PolicyClient(Protocol):
@@ -49,20 +85,8 @@ class PolicyClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-class RetryPolicy(BaseModel):
-    max_retries: int = Field(default=5, ge=0)
-    backoff_base_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
-    timeout_s: float = Field(default=600.0, gt=0, description="one attempt")
-    deadline_s: float | None = Field(default=None, gt=0, description="one request: attempts and back-off together")
-
-    def delay(self, attempt: int) -> float:
-        """Full-jitter exponential backoff: spreads retries of many episodes hitting one restarted server."""
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
-
-
 class _HttpPolicyClient:
-    """Shared plumbing: one aiohttp session per loop, retries on 5xx / 429 / timeouts / connection errors."""
+    """Shared plumbing: one aiohttp session per loop, attempts retried by the recipe's retry policy."""
 
     def __init__(self, url: str, retry: RetryPolicy | None = None, max_connections: int = 0) -> None:
         self.url = url
@@ -84,40 +108,39 @@ class _HttpPolicyClient:
             await self._session.close()
         self._session = None
 
-    async def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
-        """POST with retries; returns (json, attempts, latency of the successful attempt)."""
-        last_error = "no attempt made"
-        request_body = orjson.dumps(payload)
-        deadline = self.retry.deadline_s
-        first = time.perf_counter()
-        for attempt in range(self.retry.max_retries + 1):
-            left = self.retry.timeout_s if deadline is None else deadline - (time.perf_counter() - first)
-            if attempt:
-                await asyncio.sleep(min(self.retry.delay(attempt - 1), max(0.0, left)))
-                left = self.retry.timeout_s if deadline is None else deadline - (time.perf_counter() - first)
-            if left <= 0:
-                raise PolicyTimeout(
-                    f"no answer from {self.url} within {deadline:.1f} s ({attempt} attempts): {last_error}"
-                )
+    async def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """POST with the retry policy; returns (json, latency of the successful attempt)."""
+        # orjson: a 10k-token prompt encodes in ~0.1 ms instead of ~2 ms with the json module, every turn.
+        body = orjson.dumps(payload)
+        latency = 0.0
+
+        async def attempt(timeout_s: float) -> dict[str, Any]:
+            nonlocal latency
             started = time.perf_counter()
             try:
                 session = self._get_session()
-                timeout = aiohttp.ClientTimeout(total=min(self.retry.timeout_s, left))
-                # orjson: a 10k-token prompt encodes in ~0.1 ms instead of ~2 ms with the json module, every turn.
-                async with session.post(self.url, data=request_body, headers=_JSON_HEADERS, timeout=timeout) as resp:
-                    if resp.status == 200:
-                        data = orjson.loads(await resp.read())
-                        return data, attempt + 1, time.perf_counter() - started
-                    detail = (await resp.text())[:300]
-                    last_error = f"HTTP {resp.status} from {self.url}: {detail}"
-                    if resp.status not in (408, 429) and resp.status < 500:
-                        raise PolicyServerError(last_error)
+                timeout = aiohttp.ClientTimeout(total=timeout_s)
+                async with session.post(self.url, data=body, headers=_JSON_HEADERS, timeout=timeout) as resp:
+                    raw = await resp.read()
+                    if resp.status != 200:
+                        detail = f"HTTP {resp.status} from {self.url}: {raw.decode(errors='replace')[:300]}"
+                        if not is_retryable_status(resp.status):
+                            raise PolicyServerError(detail)
+                        raise Retryable(detail, parse_retry_after(resp.headers.get("Retry-After")), resp.status)
+                data = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
-                last_error = f"invalid JSON from {self.url}: {err}"
+                raise Retryable(f"invalid JSON from {self.url}: {err}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
                 _raise_if_cancelled()  # aiohttp reports an outer cancellation as its own timeout: never retry it
-                last_error = f"{type(err).__name__} talking to {self.url}: {err}"
-        raise PolicyServerError(f"gave up after {self.retry.max_retries + 1} attempts: {last_error}")
+                raise Retryable(f"{type(err).__name__} talking to {self.url}: {err}") from None
+            latency = time.perf_counter() - started
+            return data
+
+        def give_up(attempts: int, last: Retryable) -> PolicyServerError:
+            return PolicyServerError(f"gave up after {attempts} attempts: {last}")
+
+        data, _ = await self.retry.run(attempt, f"POST {self.url}", give_up)
+        return data, latency
 
 
 def _raise_if_cancelled() -> None:
@@ -132,7 +155,7 @@ class SglangGenerateClient(_HttpPolicyClient):
 
     async def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> PolicyOutput:
         payload = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True}
-        data, attempts, latency = await self._post(payload)
+        data, latency = await self._post(payload)
         meta = data.get("meta_info") or {}
         entries = meta.get("output_token_logprobs") or []
         token_ids = [int(entry[1]) for entry in entries]
@@ -148,14 +171,12 @@ class SglangGenerateClient(_HttpPolicyClient):
         return PolicyOutput(
             token_ids=token_ids,
             logprobs=logprobs,
-            text=data.get("text") or "",
             finish_reason=finish_type,
             abort_message=finish.get("message") if isinstance(finish, dict) else None,
             prompt_tokens=int(meta.get("prompt_tokens") or len(input_ids)),
             cached_tokens=int(meta.get("cached_tokens") or 0),
             weight_version=str(meta["weight_version"]) if meta.get("weight_version") is not None else None,
             latency_s=latency,
-            attempts=attempts,
         )
 
 
@@ -184,7 +205,7 @@ class OpenAICompletionsClient(_HttpPolicyClient):
             payload["stop_token_ids"] = sampling_params["stop_token_ids"]
         if sampling_params.get("top_k", -1) in (-1, 0):
             payload.pop("top_k", None)
-        data, attempts, latency = await self._post(payload)
+        data, latency = await self._post(payload)
         choice = (data.get("choices") or [{}])[0]
         token_ids = [int(t) for t in choice.get("token_ids") or []]
         logprobs = [
@@ -201,11 +222,9 @@ class OpenAICompletionsClient(_HttpPolicyClient):
         return PolicyOutput(
             token_ids=token_ids,
             logprobs=logprobs,
-            text=choice.get("text") or "",
             finish_reason=finish_type,
             prompt_tokens=int(usage.get("prompt_tokens") or len(input_ids)),
             latency_s=latency,
-            attempts=attempts,
         )
 
 
