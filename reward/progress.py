@@ -373,7 +373,7 @@ def measure_progress(task: Task, domain: str, env: Environment | None, messages:
 
     shares = action_shares(target.steps, target.initial_values, value_of)
     counted = [shares[position] or 0.0 for position in sorted(target.counted)]
-    missed = [path for path, gold in target.final.items() if value_of(path) != gold]
+    missed = sorted((path for path, gold in target.final.items() if value_of(path) != gold), key=path_text)
     collateral = sorted((path for path in differences if path not in target.initial_values), key=path_text)
     return StateProgress(
         target_actions=len(counted),
