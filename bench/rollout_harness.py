@@ -39,7 +39,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,7 @@ class Settings(BaseModel):
     gym_concurrency: int = 64
     gym_complete_episodes: int = 2  # played to the end, two at a time: per-call costs and a measured throughput
     gym_window_s: float = 60.0  # the gym at gym_concurrency runs this long (0: skip)
+    gym_repaired_concurrency: list[int] = [16, 64]  # the repaired gym, played to the end at each C
     token_turns: int = 50
     token_repeats: int = 5
     eval_tasks: int = 40
@@ -94,6 +98,7 @@ QUICK = Settings(
     gym_concurrency=2,
     gym_complete_episodes=2,
     gym_window_s=0.0,
+    gym_repaired_concurrency=[2],
     token_turns=10,
     token_repeats=2,
     eval_tasks=2,
@@ -448,13 +453,49 @@ class GymCalls(BaseModel):
     rewards: list[float] = []
 
 
+@contextlib.contextmanager
+def cached_task_lookup() -> Iterator[None]:
+    """tau2's AgentGymEnv with its task lookup cached: `_get_task` re-parses the domain's task file on every call
+    (reset, and every step's `info`); here each (domain, task id) is loaded once. The repaired gym's first fix."""
+    from tau2.gym.gym_agent import AgentGymEnv
+
+    original = AgentGymEnv._get_task
+    cache: dict[tuple[str, str], Any] = {}
+    lock = threading.Lock()
+
+    def cached(self: Any) -> Any:
+        key = (self.domain, self.task_id)
+        with lock:
+            if key not in cache:
+                cache[key] = original(self)
+            return cache[key]
+
+    AgentGymEnv._get_task = cached
+    try:
+        yield
+    finally:
+        AgentGymEnv._get_task = original
+
+
 async def gym_episode(
-    bench: Bench, task_id: str, turns: int, calls: GymCalls, policy: Any, deadline: float = math.inf
+    bench: Bench,
+    task_id: str,
+    turns: int,
+    calls: GymCalls,
+    policy: Any,
+    deadline: float = math.inf,
+    pool: ThreadPoolExecutor | None = None,
 ) -> None:
     """One episode driven the prior way: reset() and step() block the loop; only the policy call is awaited.
+    With `pool` (the repaired gym), reset() and step() run in its threads and the loop awaits them.
 
     The agent's prompt is re-rendered with the chat template and re-tokenized from the start every turn. A blocking
     call cannot be interrupted, so a time window is kept by not starting a reset() or step() after `deadline`."""
+    loop = asyncio.get_running_loop()
+
+    async def call(fn: Any, *args: Any) -> Any:
+        return fn(*args) if pool is None else await loop.run_in_executor(pool, fn, *args)
+
     from tau2.agent.llm_agent import AGENT_INSTRUCTION, SYSTEM_PROMPT
     from tau2.gym.gym_agent import AgentGymEnv
     from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE
@@ -469,7 +510,7 @@ async def gym_episode(
     started = time.monotonic()
     if started > deadline:
         return
-    observation, info = env.reset()
+    observation, info = await call(env.reset)
     calls.resets.append(time.monotonic() - started)
     tools = [tool.openai_schema for tool in info["tools"]]
     system = SYSTEM_PROMPT.format(domain_policy=info["policy"], agent_instruction=AGENT_INSTRUCTION)
@@ -490,7 +531,7 @@ async def gym_episode(
         started = time.monotonic()
         if started > deadline:
             return
-        observation, reward, terminated, _truncated, info = env.step(action)
+        observation, reward, terminated, _truncated, info = await call(env.step, action)
         calls.steps.append(time.monotonic() - started)
         stepped += calls.steps[-1]
         if terminated:
@@ -501,27 +542,39 @@ async def gym_episode(
         messages.append({"role": "tool" if is_tool else "user", "content": observation})
 
 
-async def gym_wave(bench: Bench, concurrency: int, episodes: int, turns: int, window_s: float | None) -> dict[str, Any]:
+async def gym_wave(
+    bench: Bench, concurrency: int, episodes: int, turns: int, window_s: float | None, repaired: bool = False
+) -> dict[str, Any]:
+    """`episodes` gym episodes, `concurrency` at a time. Repaired: reset()/step() in a pool of `concurrency` threads
+    and tau2's task lookup cached (the strongest fair version of the approach); else tau2 as shipped, on the loop."""
     from rollout.clients.policy import build_policy_client
 
     policy = build_policy_client(bench.doubles.policy_url, api="sglang")
     calls = GymCalls()
     semaphore = asyncio.Semaphore(concurrency)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gym") if repaired else None
 
     started = time.monotonic()
+    cpu0 = time.process_time()
     deadline = math.inf if window_s is None else started + window_s
 
     async def one(i: int) -> None:
         async with semaphore:
-            await gym_episode(bench, bench.tasks[i % len(bench.tasks)].id, turns, calls, policy, deadline)
+            await gym_episode(bench, bench.tasks[i % len(bench.tasks)].id, turns, calls, policy, deadline, pool)
 
     # An episode left unfinished at the deadline leaves its orchestrator thread parked on an Event (daemon, idle).
-    async with LoopMonitor(period_s=0.005) as monitor:
-        await asyncio.gather(*(one(i) for i in range(episodes)))
+    with cached_task_lookup() if repaired else contextlib.nullcontext():
+        async with LoopMonitor(period_s=0.005) as monitor:
+            await asyncio.gather(*(one(i) for i in range(episodes)))
     wall = time.monotonic() - started
+    cpu = time.process_time() - cpu0
     await policy.aclose()
+    if pool is not None:
+        pool.shutdown(wait=False)
     blocked = sum(calls.resets) + sum(calls.steps)
     return {
+        "repaired": repaired,
+        "cpu_ms_per_episode": 1000 * cpu / max(1, calls.finished),
         "concurrency": concurrency,
         "episodes": episodes,
         "finished": calls.finished,
@@ -559,6 +612,14 @@ def section_gym(bench: Bench) -> dict[str, Any]:
     resets = [complete["reset_s"]] + ([out["window"]["reset_s"]] if out["window"] and out["window"]["reset_s"] else [])
     out["blocking_per_episode_s"] = statistics.mean(resets) + (complete["episode_steps_s"] or 0.0)
     out["bound_per_s"] = 1.0 / out["blocking_per_episode_s"]
+    # The repaired gym, C episodes at once, every episode played to the end.
+    out["repaired"] = []
+    for concurrency in sorted(set(s.gym_repaired_concurrency)):
+        bench.doubles.reset()
+        row = asyncio.run(gym_wave(bench, concurrency, concurrency, s.turns, None, repaired=True))
+        row["load"] = load_line()
+        out["repaired"].append(row)
+        print(f"  repaired gym C={concurrency}: {row['episodes_per_s']:.3f} episodes/s", flush=True)
     return out
 
 
@@ -575,7 +636,27 @@ def compare_gym(bench: Bench, gym: dict[str, Any], throughput: list[dict[str, An
     small = gym["complete"]["concurrency"]
     theirs_at_c = gym["window"]["episodes_per_s"] if gym["window"] and gym["window"]["finished"] else None
     theirs = gym["bound_per_s"] if theirs_at_c is None else min(theirs_at_c, gym["bound_per_s"])
+    repaired = []
+    for row in gym["repaired"]:
+        concurrency = row["concurrency"]
+        if concurrency not in by_c:
+            bench.configure(s.policy_delay_s, s.user_delay_s, s.turns)
+            by_c[concurrency] = asyncio.run(ours_wave(bench, concurrency, s.turns, s.policy_delay_s, s.user_delay_s))
+        ours = by_c[concurrency]
+        repaired.append(
+            {
+                "concurrency": concurrency,
+                "ours_per_s": ours["episodes_per_s"],
+                "theirs_per_s": row["episodes_per_s"],
+                "ratio": ours["episodes_per_s"] / row["episodes_per_s"] if row["episodes_per_s"] else math.inf,
+                "ours_cpu_ms": ours["cpu_ms_per_episode"],
+                "theirs_cpu_ms": row["cpu_ms_per_episode"],
+                "finished": row["finished"],
+                "episodes": row["episodes"],
+            }
+        )
     return {
+        "repaired": repaired,
         "small_concurrency": small,
         "ours_small_per_s": rows[small],
         "theirs_small_per_s": gym["complete"]["episodes_per_s"],
@@ -908,12 +989,32 @@ def render(results: dict[str, Any]) -> str:
         "(all threads) per episode; at small C it is mostly the lag monitor's own 200 wake-ups a second. "
         f"Unexpected episodes: {sum(r['unexpected'] for r in tp)}.",
         "",
-        f"## 3. The prior approach: tau2 `AgentGymEnv` stepped from coroutines (C = {cmp_['concurrency']})",
+        "## 3. The prior approach: tau2 `AgentGymEnv` stepped from coroutines",
         "",
-        "| | ours (engine) | theirs (AgentGymEnv) | ratio |",
+    ]
+    lines += [
+        "The repaired gym (the headline comparison): `reset()` and `step()` in a pool of C threads (the loop "
+        "awaits them) and tau2's task lookup cached (each task parsed once instead of on every reset and step). "
+        "Every episode played to the end.",
+        "",
+        "| C | ours episodes/s | repaired gym episodes/s | ratio | ours CPU ms/episode | gym CPU ms/episode | "
+        "gym episodes finished |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in cmp_["repaired"]:
+        lines.append(
+            f"| {row['concurrency']} | {fmt(row['ours_per_s'], 3)} | {fmt(row['theirs_per_s'], 3)} | "
+            f"{fmt(row['ratio'], 2)}x | {fmt(row['ours_cpu_ms'], 1)} | {fmt(row['theirs_cpu_ms'], 1)} | "
+            f"{row['finished']} of {row['episodes']} |"
+        )
+    lines += [
+        "",
+        "The gym as shipped (`reset()`/`step()` block the loop, tau2 re-reads its task file on every call):",
+        "",
+        "| | ours (engine) | theirs (AgentGymEnv as shipped) | ratio |",
         "|---|---|---|---|",
-        f"| episodes/s at C = {cmp_['concurrency']} | {fmt(cmp_['ours_per_s'], 3)} | "
-        f"{fmt(cmp_['theirs_per_s'], 4)} | {fmt(cmp_['ratio'], 1)}x |",
+        f"| episodes/s at C = {cmp_['concurrency']} (theirs: bound from the blocking time) | "
+        f"{fmt(cmp_['ours_per_s'], 3)} | {fmt(cmp_['theirs_per_s'], 4)} | {fmt(cmp_['ratio'], 1)}x |",
         f"| episodes/s at C = {cmp_['small_concurrency']} (both measured to the end) | "
         f"{fmt(cmp_['ours_small_per_s'], 3)} | {fmt(cmp_['theirs_small_per_s'], 4)} | {fmt(cmp_['ratio_small'], 1)}x |",
         "",
