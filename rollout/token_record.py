@@ -62,6 +62,9 @@ class ChatRenderer:
     """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
 
     _ANCHORS: ClassVar[dict[tuple[int, Any], tuple[str, str, str, int | None]]] = {}  # per tokenizer: computed once
+    # (tokenizer, template, role, the message's other fields) -> the text around a message's content after a closed
+    # assistant turn (generation prompt included), or None where the template does more than insert the content.
+    _WRAPS: ClassVar[dict[tuple[int, Any, str, tuple[str, ...]], tuple[str, str] | None]] = {}
 
     def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -135,7 +138,43 @@ class ChatRenderer:
         return prefix_ids + self.encode(self.new_turns_text(messages[-1:]))
 
     def new_turns_text(self, new_messages: list[dict[str, Any]]) -> str:
-        """The rendering of `new_messages` after a closed assistant turn, with the generation prompt."""
+        """The rendering of `new_messages` after a closed assistant turn, with the generation prompt.
+
+        One message with string content (a tool result, a user reply: nearly every turn) is its role's cached
+        prefix + the content + suffix, once the template was seen to render it so (`_wrap`); else it is rendered."""
+        if len(new_messages) == 1 and isinstance(new_messages[0].get("content"), str):
+            wrap = self._wrap(new_messages[0])
+            if wrap is not None:
+                return wrap[0] + new_messages[0]["content"] + wrap[1]
+        return self._render_new_turns(new_messages)
+
+    _PROBES = ("PROBE-7f3a", "  <a b='c'>{{ x }}{% y %}\n\tGrüße 😀 <|im_end|>\n\n ")
+
+    def _wrap(self, message: dict[str, Any]) -> tuple[str, str] | None:
+        """The text before and after a message's content when it comes after a closed assistant turn, for its role
+        and the names of its other fields. Found once by rendering two probe contents (different values in the other
+        fields too) and kept only if both renderings are exactly prefix + content + suffix."""
+        others = tuple(sorted(k for k in message if k not in ("role", "content")))
+        key = (id(self.tokenizer), getattr(self.tokenizer, "chat_template", None), str(message.get("role")), others)
+        if key in self._WRAPS:
+            return self._WRAPS[key]
+        wrap: tuple[str, str] | None = None
+        if all(isinstance(message[k], str) for k in others):
+            try:
+                texts = [
+                    self._render_new_turns([{**message, **{k: f"{k}-{i}" for k in others}, "content": probe}])
+                    for i, probe in enumerate(self._PROBES)
+                ]
+            except ChatTemplateError:
+                texts = []
+            if texts and texts[0].count(self._PROBES[0]) == 1:
+                before, after = texts[0].split(self._PROBES[0])
+                if texts[1] == before + self._PROBES[1] + after:
+                    wrap = (before, after)
+        self._WRAPS[key] = wrap
+        return wrap
+
+    def _render_new_turns(self, new_messages: list[dict[str, Any]]) -> str:
         full = self.render(self._anchor + new_messages, add_generation_prompt=True, with_tools=False)
         if not full.startswith(self._anchor_text):
             raise ChatTemplateError(
