@@ -43,6 +43,7 @@ def test_cached_role_wrap_and_rust_encode_match_the_slow_paths(which, request):
         assert renderer._wrap(message) is not None, message  # the fast path is taken for these templates
         for text in (fast, renderer.continuation_text([message], False)):
             assert renderer.encode(text) == list(tokenizer.encode(text, add_special_tokens=False))
+    assert ChatRenderer._RUST[id(tokenizer)] is not None  # both are fast tokenizers: Rust called directly
 
 
 def test_a_template_that_changes_the_content_takes_the_render_path(tok):
