@@ -1372,12 +1372,40 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def probe(bench: Bench, results: dict[str, Any], load_before: str, out: Path | None) -> int:
+    """Sections 1 and 2 only, the numbers a CPU cut moves, printed (and written) as JSON."""
+    results["overhead"] = section_overhead(bench)
+    results["throughput"], results["stress"], _ = section_throughput(bench)
+    ov = results["overhead"]
+    summary = {
+        "load_before": load_before,
+        "load_after": load_line(),
+        "sequential_cpu_ms_per_30_turns": ov["cpu_ms_per_30_turns"],
+        "sequential_in_process_ms_per_turn": ov["per_turn_in_process_ms"]["median"],
+        "sequential_harness_ms_per_turn": ov["per_turn_ms"]["median"],
+        "by_turn_in_process_ms": [(b["turns"], round(b["median"], 3)) for b in ov["by_turn_in_process_ms"]],
+        "waves": [
+            {k: row[k] for k in ("concurrency", "fraction", "cpu_ms_per_30_turns", "mb_per_episode", "lag_p99_ms")}
+            for row in results["throughput"]
+        ],
+    }
+    print(json.dumps(summary, indent=1), flush=True)
+    if out:
+        out.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and near-zero delays (about a minute)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown table to write")
     parser.add_argument("--json", type=Path, help="also write every number as JSON here")
     parser.add_argument("--settings", help="JSON object overriding Settings fields (e.g. '{\"turns\": 6}')")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="only sections 1 and 2 (per-turn costs, the waves), numbers printed as JSON: one step's effect",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.settings:
@@ -1394,6 +1422,8 @@ def main(argv: list[str] | None = None) -> int:
         import_tau2()
         bench = Bench(settings, doubles, load_tokenizer(tokenizer_dir), tokenizer_dir)
         results: dict[str, Any] = {"settings": settings.model_dump()}
+        if args.probe:
+            return probe(bench, results, load_before, args.json)
         print("3. AgentGymEnv (first: against tau2 as shipped)", flush=True)
         results["gym"] = section_gym(bench)
         print("1. harness overhead", flush=True)
