@@ -368,6 +368,7 @@ class TimedPolicy:
 
     def __init__(self, inner: Any, calls: list[tuple[str, float, float]]) -> None:
         self.inner, self.calls = inner, calls
+        self.takes_json_ids = getattr(inner, "takes_json_ids", False)
 
     async def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> Any:
         started = time.monotonic()

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from reward.tau2_reward_shaping import is_success
-from rollout.clients.policy import PolicyClient, PolicyServerError
+from rollout.clients.policy import JsonIds, PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
 from rollout.token_record import ChatRenderer, TokenRecord
@@ -499,7 +499,10 @@ class TokenAgent:
         left = self._budget_left()
         turn_cap = min(left, self.max_tokens_per_turn) if self.max_tokens_per_turn else left
         params = dict(self.sampling_params, max_new_tokens=turn_cap)
-        out = await self.policy.generate(self.record.all_ids, params)
+        # The ids as JSON kept by the record (only new ids encoded), for a client that takes them; else a list.
+        ids = self.record.ids_json() if getattr(self.policy, "takes_json_ids", False) else None
+        total = len(self.record.prompt_ids) + self.record.response_length
+        out = await self.policy.generate(JsonIds(ids, total) if ids is not None else self.record.all_ids, params)
         if len(out.token_ids) > params["max_new_tokens"]:
             out.token_ids, out.logprobs = (
                 out.token_ids[: params["max_new_tokens"]],

@@ -238,6 +238,9 @@ class TokenRecord:
     loss_mask: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    # prompt + response ids as a JSON array without its closing bracket, and how many ids it holds (ids_json)
+    _json: bytearray = field(default_factory=bytearray, repr=False, compare=False)
+    _json_count: int = field(default=0, repr=False, compare=False)
 
     @property
     def response_length(self) -> int:
@@ -246,6 +249,19 @@ class TokenRecord:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
+
+    def ids_json(self) -> bytes:
+        """prompt_ids + response_ids as a JSON array. The encoding is kept and extended by the ids added since the
+        last call, so each policy request encodes only its new ids (the ids only ever grow)."""
+        prompt, total = len(self.prompt_ids), len(self.prompt_ids) + len(self.response_ids)
+        if self._json_count > total:  # not grown from what was encoded: start again
+            self._json, self._json_count = bytearray(), 0
+        if self._json_count < total:
+            start = self._json_count
+            new = self.prompt_ids[start:] + self.response_ids if start < prompt else self.response_ids[start - prompt :]
+            self._json += (b"," if self._json else b"[") + orjson.dumps(new)[1:-1]
+            self._json_count = total
+        return bytes(self._json) + b"]" if self._json else b"[]"
 
     @property
     def sampled_tokens(self) -> int:
