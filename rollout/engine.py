@@ -38,7 +38,7 @@ from reward.tau2_reward_shaping import is_success
 from rollout.clients.policy import JsonIds, PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
-from rollout.token_record import ChatRenderer, TokenRecord
+from rollout.token_record import ChatRenderer, IdsJson, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
 from rollout.tool_schemas import tool_schemas
 
@@ -452,6 +452,7 @@ class TokenAgent:
         self.sampling_params = self._prepare_params(sampling_params)
         self.vocab_size = _vocab_size(tokenizer)
         self.record: TokenRecord | None = None
+        self._ids_json: IdsJson | None = None
         self._turn_closed = True
         # What slime's Sample keeps per request (prefix_cache_info, weight_versions) and the per-turn cap's hits.
         self.cached_tokens = 0
@@ -492,6 +493,17 @@ class TokenAgent:
         self.record.add_glue(ids, text)
         return True
 
+    def _request_ids(self) -> list[int] | JsonIds:
+        """The ids as JSON, extended by each turn's new ids only (IdsJson), for a client that takes them; else a
+        list."""
+        assert self.record is not None
+        if not getattr(self.policy, "takes_json_ids", False):
+            return self.record.all_ids
+        if self._ids_json is None or self._ids_json.record is not self.record:
+            self._ids_json = IdsJson(self.record)
+        json = self._ids_json()
+        return JsonIds(json, len(self.record.prompt_ids) + self.record.response_length)
+
     async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
         if not await self._observe(new_messages) or self._budget_left() <= 0:
             return AgentTurn(finish_reason="budget")
@@ -499,10 +511,8 @@ class TokenAgent:
         left = self._budget_left()
         turn_cap = min(left, self.max_tokens_per_turn) if self.max_tokens_per_turn else left
         params = dict(self.sampling_params, max_new_tokens=turn_cap)
-        # The ids as JSON kept by the record (only new ids encoded), for a client that takes them; else a list.
-        ids = self.record.ids_json() if getattr(self.policy, "takes_json_ids", False) else None
-        total = len(self.record.prompt_ids) + self.record.response_length
-        out = await self.policy.generate(JsonIds(ids, total) if ids is not None else self.record.all_ids, params)
+        # Passed straight on: while the request is in flight only the client holds the ids (and drops them).
+        out = await self.policy.generate(self._request_ids(), params)
         if len(out.token_ids) > params["max_new_tokens"]:
             out.token_ids, out.logprobs = (
                 out.token_ids[: params["max_new_tokens"]],

@@ -238,9 +238,6 @@ class TokenRecord:
     loss_mask: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
-    # prompt + response ids as a JSON array without its closing bracket, and how many ids it holds (ids_json)
-    _json: bytearray = field(default_factory=bytearray, repr=False, compare=False)
-    _json_count: int = field(default=0, repr=False, compare=False)
 
     @property
     def response_length(self) -> int:
@@ -249,19 +246,6 @@ class TokenRecord:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
-
-    def ids_json(self) -> bytes:
-        """prompt_ids + response_ids as a JSON array. The encoding is kept and extended by the ids added since the
-        last call, so each policy request encodes only its new ids (the ids only ever grow)."""
-        prompt, total = len(self.prompt_ids), len(self.prompt_ids) + len(self.response_ids)
-        if self._json_count > total:  # not grown from what was encoded: start again
-            self._json, self._json_count = bytearray(), 0
-        if self._json_count < total:
-            start = self._json_count
-            new = self.prompt_ids[start:] + self.response_ids if start < prompt else self.response_ids[start - prompt :]
-            self._json += (b"," if self._json else b"[") + orjson.dumps(new)[1:-1]
-            self._json_count = total
-        return bytes(self._json) + b"]" if self._json else b"[]"
 
     @property
     def sampled_tokens(self) -> int:
@@ -290,3 +274,26 @@ class TokenRecord:
             raise AssertionError(
                 f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}"
             )
+
+
+class IdsJson:
+    """A record's prompt + response ids as a JSON array for the policy request. The encoding is kept and extended by
+    the ids added since the last call, so each request encodes only its new ids (a record's ids only ever grow).
+    Held by the agent for its episode, not by the record: finished records do not keep it."""
+
+    def __init__(self, record: TokenRecord) -> None:
+        self.record = record
+        self._json = bytearray()  # the array without its closing bracket
+        self._count = 0
+
+    def __call__(self) -> bytes:
+        prompt, response = self.record.prompt_ids, self.record.response_ids
+        total = len(prompt) + len(response)
+        if self._count > total:  # not grown from what was encoded: start again
+            self._json, self._count = bytearray(), 0
+        if self._count < total:
+            start = self._count
+            new = prompt[start:] + response if start < len(prompt) else response[start - len(prompt) :]
+            self._json += (b"," if self._json else b"[") + orjson.dumps(new)[1:-1]
+            self._count = total
+        return bytes(self._json) + b"]" if self._json else b"[]"

@@ -76,18 +76,19 @@ def test_ids_json_grows_with_the_record_and_matches_a_full_encode():
     import orjson
 
     from rollout.clients.policy import JsonIds, _json_body
-    from rollout.token_record import TokenRecord
+    from rollout.token_record import IdsJson, TokenRecord
 
     record = TokenRecord(prompt_ids=[5, 6, 7])
-    assert orjson.loads(record.ids_json()) == [5, 6, 7]
+    ids_json = IdsJson(record)
+    assert orjson.loads(ids_json()) == [5, 6, 7]
     for step in range(6):
         if step % 2:
             record.add_glue([100 + step, 0])
         else:
             record.add_sampled([200 + step], [-0.5])
-        assert record.ids_json() == orjson.dumps(record.all_ids)
-    assert TokenRecord(prompt_ids=[]).ids_json() == b"[]"
+        assert ids_json() == orjson.dumps(record.all_ids)
+    assert IdsJson(TokenRecord(prompt_ids=[]))() == b"[]"
     params = {"sampling_params": {"temperature": 1.0}, "return_logprob": True}
-    spliced = _json_body("input_ids", JsonIds(record.ids_json(), len(record.all_ids)), params)
+    spliced = _json_body("input_ids", JsonIds(ids_json(), len(record.all_ids)), params)
     assert orjson.loads(spliced) == {"input_ids": record.all_ids, **params}
     assert _json_body("prompt", JsonIds(b"[1]", 1), {}) == b'{"prompt":[1]}'
