@@ -92,6 +92,7 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     memory = results["memory"]
     assert memory["concurrency"] == max(SETTINGS["concurrency"])
     assert 0 <= memory["mb_per_episode"] < 100 and memory["rss_peak_mb"] >= memory["rss_before_mb"]
+    assert 0 < memory["traced_mb_per_episode"] < 100  # tracemalloc's peak of the wave's Python allocations
 
     evaluation = results["eval"]
     assert [run["concurrency"] for run in evaluation["runs"]] == [4, 1]
