@@ -38,7 +38,7 @@ from reward.tau2_reward_shaping import is_success
 from rollout.clients.policy import JsonIds, PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
-from rollout.token_record import ChatRenderer, IdsJson, TokenRecord
+from rollout.token_record import ChatRenderer, IdsJson, TokenRecord, shared_ids
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
 from rollout.tool_schemas import tool_schemas
 
@@ -529,7 +529,7 @@ class TokenAgent:
         self.request_prompt_tokens += out.prompt_tokens
         if out.weight_version is not None:
             self.weight_versions.append(out.weight_version)
-        self.record.add_sampled(out.token_ids, out.logprobs)
+        self.record.add_sampled(shared_ids(out.token_ids), out.logprobs)
         closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
         if not closed and out.finish_reason != "abort" and len(out.token_ids) >= turn_cap and turn_cap < left:
             self.turn_cap_hits += 1

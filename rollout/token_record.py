@@ -58,6 +58,20 @@ def load_tokenizer(source: str | os.PathLike[str], name: str = "") -> Any:
         return _TOKENIZERS[key]
 
 
+# One int object per token id, shared by every record: an id the tokenizer or a JSON parser returns is a new 28-byte
+# object (CPython caches only -5..256), and an episode holds thousands of them.
+_SHARED_IDS: list[int] = []
+
+
+def shared_ids(ids: list[int]) -> list[int]:
+    """The same ids, as the process's shared int objects (ids past the table, or negative, are kept as they are)."""
+    table = _SHARED_IDS
+    if not table:
+        table.extend(range(1 << 18))  # 262,144 ids: every vocabulary the recipe meets (Qwen3: 151,669)
+    size = len(table)
+    return [table[i] if 0 <= i < size else i for i in ids]
+
+
 class ChatRenderer:
     """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
 
@@ -104,8 +118,8 @@ class ChatRenderer:
         if rust is False:
             rust = self._RUST[id(self.tokenizer)] = self._rust_tokenizer()
         if rust is not None:  # the Rust tokenizer itself: the transformers wrapper costs ~0.1 ms per call
-            return rust.encode(text, add_special_tokens=False).ids
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return shared_ids(rust.encode(text, add_special_tokens=False).ids)
+        return shared_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _rust_tokenizer(self) -> Any:
         """The fast tokenizer's `tokenizers.Tokenizer`, if it encodes like the wrapper (checked once on samples with

@@ -92,3 +92,15 @@ def test_ids_json_grows_with_the_record_and_matches_a_full_encode():
     spliced = _json_body("input_ids", JsonIds(ids_json(), len(record.all_ids)), params)
     assert orjson.loads(spliced) == {"input_ids": record.all_ids, **params}
     assert _json_body("prompt", JsonIds(b"[1]", 1), {}) == b'{"prompt":[1]}'
+
+
+def test_shared_ids_keep_values_and_share_the_objects(tok):
+    from rollout.token_record import shared_ids
+
+    fresh = [int(str(n)) for n in (5, 1000, 49151, 300000, -1)]  # new int objects
+    shared = shared_ids(fresh)
+    assert shared == fresh
+    assert shared_ids([int("1000")])[0] is shared[1]  # one object per id across calls
+    renderer = ChatRenderer(tok)
+    text = "<|im_start|>user\nno signal<|im_end|>\n"
+    assert renderer.encode(text) == list(tok.encode(text, add_special_tokens=False))
