@@ -714,12 +714,13 @@ async def gym_episode(
         task_id=bench.tasks[task_index].id,
         max_steps=400,
         user_llm=f"openai/{USER_MODEL}",
-        # `user` names the episode for the user double (its script), as the engine's requests do.
+        # `user` names the episode for the user double (its script), as the engine's requests do; litellm drops a
+        # top-level `user` for this provider, so it goes in the body as an extra field.
         user_llm_args={
             "api_base": bench.doubles.user_base_url,
             "api_key": "bench",
             "temperature": 0.0,
-            "user": episode,
+            "extra_body": {"user": episode},
         },
     )
     started = time.monotonic()
@@ -803,6 +804,8 @@ async def gym_wave(
         "steps": len(calls.steps),
         "episode_steps_s": statistics.mean(calls.episode_steps) if calls.episode_steps else None,
         "episodes_per_s": calls.finished / wall,
+        "reward_mean": statistics.mean(calls.rewards) if calls.rewards else None,
+        "steps_per_episode": len(calls.steps) / max(1, calls.finished),
         **monitor.summary(),
     }
 
