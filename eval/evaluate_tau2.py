@@ -10,7 +10,8 @@ e.g. vLLM). With `--checkpoint` and no `--sglang-url`, a server is started on `-
 answers there (eval/serving.py), and stopped at the end. The tokenizer comes from the checkpoint (or `--tokenizer`).
 
 Files (for --output-path results.json):
-- results.episodes.jsonl: one line per finished episode, appended and fsynced at once: task_id, trial, subtask,
+- results.episodes.jsonl: one line per finished episode, written at once (fsynced at most once a second: grouped, off
+  the per-episode path; and at the end): task_id, trial, subtask,
   persona, status, reward, success, sampling_seed, timings, config_hash and config (the hashed settings), and
   `episode` = EpisodeResult.summary() (trajectory, what the agent saw, reward_info, truncated_checks, counts).
   Re-running the same command skips finished (task, trial) pairs; a killed run loses at most the episodes in
@@ -381,12 +382,18 @@ def episode_seed(seed: int, task_id: str, trial: int) -> int:
 
 
 class EpisodeLog:
-    """The append-only JSONL of finished episodes, held under an exclusive lock while a run uses it."""
+    """The append-only JSONL of finished episodes, held under an exclusive lock while a run uses it. Each record is
+    written to the OS at once (a killed process loses nothing written); fsyncs are grouped, at most one per
+    SYNC_EVERY_S and one at close, so a burst of finished episodes does not wait for the disk once each."""
+
+    SYNC_EVERY_S = 1.0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle: IO[str] | None = None
         self.dropped_lines = 0
+        self._synced_at = float("-inf")  # the first record is synced at once
+        self._unsynced = False
 
     def open(self) -> None:
         self.handle = open(self.path, "a+", encoding="utf-8")
@@ -401,6 +408,8 @@ class EpisodeLog:
 
     def close(self) -> None:
         if self.handle is not None:
+            if self._unsynced:
+                self._sync(force=True)
             self.handle.close()
             self.handle = None
 
@@ -441,7 +450,7 @@ class EpisodeLog:
     def reset(self) -> None:
         assert self.handle is not None
         self.handle.truncate(0)
-        self._sync()
+        self._sync(force=True)
 
     def append(self, record: dict[str, Any]) -> None:
         self._append_raw(json.dumps(record, ensure_ascii=False, default=str) + "\n")
@@ -452,10 +461,15 @@ class EpisodeLog:
         self.handle.write(text)
         self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, force: bool = False) -> None:
         assert self.handle is not None
         self.handle.flush()
-        os.fsync(self.handle.fileno())
+        now = time.monotonic()
+        if force or now - self._synced_at >= self.SYNC_EVERY_S:
+            os.fsync(self.handle.fileno())
+            self._synced_at, self._unsynced = now, False
+        else:
+            self._unsynced = True
 
 
 def _parse_record(line: str) -> dict[str, Any] | None:

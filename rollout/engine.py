@@ -36,10 +36,10 @@ from pydantic import BaseModel, Field
 from reward.partial_credit import NORMAL_TERMINATIONS, checks_ignoring_termination
 from reward.progress import episode_progress
 from reward.tau2_reward_shaping import is_success
-from rollout.clients.policy import PolicyClient, PolicyServerError
+from rollout.clients.policy import JsonIds, PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
-from rollout.token_record import ChatRenderer, TokenRecord
+from rollout.token_record import ChatRenderer, IdsJson, TokenRecord, shared_ids
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
 from rollout.tool_schemas import tool_schemas
 
@@ -453,6 +453,7 @@ class TokenAgent:
         self.sampling_params = self._prepare_params(sampling_params)
         self.vocab_size = _vocab_size(tokenizer)
         self.record: TokenRecord | None = None
+        self._ids_json: IdsJson | None = None
         self._turn_closed = True
         # What slime's Sample keeps per request (prefix_cache_info, weight_versions) and the per-turn cap's hits.
         self.cached_tokens = 0
@@ -493,6 +494,17 @@ class TokenAgent:
         self.record.add_glue(ids, text)
         return True
 
+    def _request_ids(self) -> list[int] | JsonIds:
+        """The ids as JSON, extended by each turn's new ids only (IdsJson), for a client that takes them; else a
+        list."""
+        assert self.record is not None
+        if not getattr(self.policy, "takes_json_ids", False):
+            return self.record.all_ids
+        if self._ids_json is None or self._ids_json.record is not self.record:
+            self._ids_json = IdsJson(self.record)
+        json = self._ids_json()
+        return JsonIds(json, len(self.record.prompt_ids) + self.record.response_length)
+
     async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
         if not await self._observe(new_messages) or self._budget_left() <= 0:
             return AgentTurn(finish_reason="budget")
@@ -500,7 +512,8 @@ class TokenAgent:
         left = self._budget_left()
         turn_cap = min(left, self.max_tokens_per_turn) if self.max_tokens_per_turn else left
         params = dict(self.sampling_params, max_new_tokens=turn_cap)
-        out = await self.policy.generate(self.record.all_ids, params)
+        # Passed straight on: while the request is in flight only the client holds the ids (and drops them).
+        out = await self.policy.generate(self._request_ids(), params)
         if len(out.token_ids) > params["max_new_tokens"]:
             out.token_ids, out.logprobs = (
                 out.token_ids[: params["max_new_tokens"]],
@@ -517,7 +530,7 @@ class TokenAgent:
         self.request_prompt_tokens += out.prompt_tokens
         if out.weight_version is not None:
             self.weight_versions.append(out.weight_version)
-        self.record.add_sampled(out.token_ids, out.logprobs)
+        self.record.add_sampled(shared_ids(out.token_ids), out.logprobs)
         closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
         if not closed and out.finish_reason != "abort" and len(out.token_ids) >= turn_cap and turn_cap < left:
             self.turn_cap_hits += 1

@@ -58,10 +58,29 @@ def load_tokenizer(source: str | os.PathLike[str], name: str = "") -> Any:
         return _TOKENIZERS[key]
 
 
+# One int object per token id, shared by every record: an id the tokenizer or a JSON parser returns is a new 28-byte
+# object (CPython caches only -5..256), and an episode holds thousands of them.
+_SHARED_IDS: list[int] = []
+
+
+def shared_ids(ids: list[int]) -> list[int]:
+    """The same ids, as the process's shared int objects (ids past the table, or negative, are kept as they are)."""
+    table = _SHARED_IDS
+    if not table:
+        table.extend(range(1 << 18))  # 262,144 ids: every vocabulary the recipe meets (Qwen3: 151,669)
+    size = len(table)
+    return [table[i] if 0 <= i < size else i for i in ids]
+
+
 class ChatRenderer:
     """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
 
     _ANCHORS: ClassVar[dict[tuple[int, Any], tuple[str, str, str, int | None]]] = {}  # per tokenizer: computed once
+    # (tokenizer, template, role, the message's other fields) -> the text around a message's content after a closed
+    # assistant turn (generation prompt included), or None where the template does more than insert the content.
+    _WRAPS: ClassVar[dict[tuple[int, Any, str, tuple[str, ...]], tuple[str, str] | None]] = {}
+    # tokenizer -> its Rust tokenizer (`tokenizers.Tokenizer`) where calling it directly gives the same ids, else None
+    _RUST: ClassVar[dict[int, Any]] = {}
 
     def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -95,7 +114,35 @@ class ChatRenderer:
         )
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        rust = self._RUST.get(id(self.tokenizer), False)
+        if rust is False:
+            rust = self._RUST[id(self.tokenizer)] = self._rust_tokenizer()
+        if rust is not None:  # the Rust tokenizer itself: the transformers wrapper costs ~0.1 ms per call
+            return shared_ids(rust.encode(text, add_special_tokens=False).ids)
+        return shared_ids(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _rust_tokenizer(self) -> Any:
+        """The fast tokenizer's `tokenizers.Tokenizer`, if it encodes like the wrapper (checked once on samples with
+        special tokens, whitespace and non-ASCII text); None for a slow tokenizer or any difference."""
+        rust = getattr(self.tokenizer, "_tokenizer", None)
+        if rust is None or not hasattr(rust, "encode"):
+            return None
+        samples = [
+            self._anchor_text if hasattr(self, "_anchor_text") else "",
+            "  leading and trailing spaces \n\n\t",
+            '<tool_call>\n{"name": "x", "arguments": {"a": 1}}\n</tool_call>',
+            "Grüße, ça va? 日本語 😀 <|im_end|>\n<|im_start|>user\n",
+            *(str(token) for token in (getattr(self.tokenizer, "all_special_tokens", None) or [])[:8]),
+        ]
+        try:
+            same = all(
+                rust.encode(text, add_special_tokens=False).ids
+                == list(self.tokenizer.encode(text, add_special_tokens=False))
+                for text in samples
+            )
+        except Exception:  # any tokenizer that does not take this call: the wrapper
+            return None
+        return rust if same else None
 
     # (tokenizer, template, digest of the opening before its last message and the tools) -> that part's ids,
     # or None where the shortcut does not reproduce the full rendering.
@@ -135,7 +182,43 @@ class ChatRenderer:
         return prefix_ids + self.encode(self.new_turns_text(messages[-1:]))
 
     def new_turns_text(self, new_messages: list[dict[str, Any]]) -> str:
-        """The rendering of `new_messages` after a closed assistant turn, with the generation prompt."""
+        """The rendering of `new_messages` after a closed assistant turn, with the generation prompt.
+
+        One message with string content (a tool result, a user reply: nearly every turn) is its role's cached
+        prefix + the content + suffix, once the template was seen to render it so (`_wrap`); else it is rendered."""
+        if len(new_messages) == 1 and isinstance(new_messages[0].get("content"), str):
+            wrap = self._wrap(new_messages[0])
+            if wrap is not None:
+                return wrap[0] + new_messages[0]["content"] + wrap[1]
+        return self._render_new_turns(new_messages)
+
+    _PROBES = ("PROBE-7f3a", "  <a b='c'>{{ x }}{% y %}\n\tGrüße 😀 <|im_end|>\n\n ")
+
+    def _wrap(self, message: dict[str, Any]) -> tuple[str, str] | None:
+        """The text before and after a message's content when it comes after a closed assistant turn, for its role
+        and the names of its other fields. Found once by rendering two probe contents (different values in the other
+        fields too) and kept only if both renderings are exactly prefix + content + suffix."""
+        others = tuple(sorted(k for k in message if k not in ("role", "content")))
+        key = (id(self.tokenizer), getattr(self.tokenizer, "chat_template", None), str(message.get("role")), others)
+        if key in self._WRAPS:
+            return self._WRAPS[key]
+        wrap: tuple[str, str] | None = None
+        if all(isinstance(message[k], str) for k in others):
+            try:
+                texts = [
+                    self._render_new_turns([{**message, **{k: f"{k}-{i}" for k in others}, "content": probe}])
+                    for i, probe in enumerate(self._PROBES)
+                ]
+            except ChatTemplateError:
+                texts = []
+            if texts and texts[0].count(self._PROBES[0]) == 1:
+                before, after = texts[0].split(self._PROBES[0])
+                if texts[1] == before + self._PROBES[1] + after:
+                    wrap = (before, after)
+        self._WRAPS[key] = wrap
+        return wrap
+
+    def _render_new_turns(self, new_messages: list[dict[str, Any]]) -> str:
         full = self.render(self._anchor + new_messages, add_generation_prompt=True, with_tools=False)
         if not full.startswith(self._anchor_text):
             raise ChatTemplateError(
@@ -205,3 +288,26 @@ class TokenRecord:
             raise AssertionError(
                 f"response {n} tokens, loss_mask {len(self.loss_mask)}, log_probs {len(self.log_probs)}"
             )
+
+
+class IdsJson:
+    """A record's prompt + response ids as a JSON array for the policy request. The encoding is kept and extended by
+    the ids added since the last call, so each request encodes only its new ids (a record's ids only ever grow).
+    Held by the agent for its episode, not by the record: finished records do not keep it."""
+
+    def __init__(self, record: TokenRecord) -> None:
+        self.record = record
+        self._json = bytearray()  # the array without its closing bracket
+        self._count = 0
+
+    def __call__(self) -> bytes:
+        prompt, response = self.record.prompt_ids, self.record.response_ids
+        total = len(prompt) + len(response)
+        if self._count > total:  # not grown from what was encoded: start again
+            self._json, self._count = bytearray(), 0
+        if self._count < total:
+            start = self._count
+            new = prompt[start:] + response if start < len(prompt) else response[start - len(prompt) :]
+            self._json += (b"," if self._json else b"[") + orjson.dumps(new)[1:-1]
+            self._count = total
+        return bytes(self._json) + b"]" if self._json else b"[]"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rollout.clients.chat import CHAT_RETRY, ChatClient, ChatClientError, build_chat_client
+from rollout.clients.chat import CHAT_RETRY, ChatClient, ChatClientError, build_chat_client, clean_messages
 from rollout.engine import EpisodeUser, IncomingMessage, UserReply
 from rollout.scripted import ScriptedUser
 from rollout.settings import UserSimConfig
@@ -40,6 +40,7 @@ from tau2.data_model.message import (  # noqa: E402
     ToolMessage,
     UserMessage,
 )
+from tau2.user.base import UserState  # noqa: E402
 from tau2.user.user_simulator import UserSimulator  # noqa: E402
 from tau2.utils.llm_utils import to_litellm_messages  # noqa: E402
 
@@ -75,14 +76,27 @@ class LLMUser:
         self.tools = tool_schemas(user_tools)  # cached: tau2 rebuilds a JSON schema per access
         self.client = client
         self.params: dict[str, Any] = {"temperature": temperature, **(llm_args or {})}
+        # The request so far: the system prompt and state.messages[:_sent] flipped and converted. The state only
+        # grows (respond appends), so each request converts only the messages added since the last one.
+        self._request: list[dict[str, Any]] = []
+        self._sent = 0
 
     @property
     def system_prompt(self) -> str:
         return self.simulator.system_prompt
 
     def request_messages(self) -> list[dict[str, Any]]:
-        """The messages tau2 would send for the current state: system prompt, then the flipped conversation."""
-        return to_litellm_messages(self.state.system_messages + self.state.flip_roles())
+        """The messages tau2 would send for the current state: system prompt, then the flipped conversation
+        (tau2's flip_roles and to_litellm_messages convert each message on its own, so converting only the new
+        ones and appending gives the same list)."""
+        messages = self.state.messages
+        if not self._request or self._sent > len(messages):
+            self._request, self._sent = clean_messages(to_litellm_messages(self.state.system_messages)), 0
+        if self._sent < len(messages):
+            new = UserState.model_construct(system_messages=[], messages=messages[self._sent :]).flip_roles()
+            self._request.extend(clean_messages(to_litellm_messages(new)))
+            self._sent = len(messages)
+        return list(self._request)
 
     async def respond(self, incoming: IncomingMessage) -> UserReply:
         if isinstance(incoming, MultiToolMessage):

@@ -788,3 +788,20 @@ def test_cli_with_real_model_on_cpu_server(tmp_path, smollm2_model_dir):
     assert data["baselines"]["shortcut_check"]["verdict"] and "beside shortcut baselines" in done.stdout
     # The server was stopped: nothing answers on its port any more.
     assert not serving.is_healthy(data["run"]["server"]["url"])
+
+
+def test_episode_log_groups_fsyncs_and_syncs_at_close(tmp_path, monkeypatch):
+    """Each record reaches the file at once; fsyncs are grouped (one per SYNC_EVERY_S) and the last one is at close."""
+    from eval import evaluate_tau2
+
+    synced = []
+    monkeypatch.setattr(evaluate_tau2.os, "fsync", lambda fd: synced.append(fd))
+    log = evaluate_tau2.EpisodeLog(tmp_path / "episodes.jsonl")
+    log.SYNC_EVERY_S = 3600.0
+    log.open()
+    for i in range(5):
+        log.append({"i": i})
+        assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == i + 1  # written through at once
+    assert len(synced) == 1  # the first; the next four wait for the interval
+    log.close()
+    assert len(synced) == 2  # the rest at close

@@ -28,9 +28,10 @@ from tests.fake_openai_server import FakeOpenAIServer, FakeReply, error_reply, t
 
 registry = import_tau2()
 
-from tau2.data_model.message import MultiToolMessage, UserMessage  # noqa: E402
+from tau2.data_model.message import AssistantMessage, MultiToolMessage, UserMessage  # noqa: E402
 from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE  # noqa: E402
 from tau2.user.user_simulator import UserSimulator  # noqa: E402
+from tau2.utils.llm_utils import to_litellm_messages  # noqa: E402
 
 SECRET = "sk-user-sim-0a1b2c3d4e5f"
 
@@ -161,6 +162,49 @@ def test_llm_user_sends_what_tau2_sends(server, task, env):
     assert call_reply.message.usage == {"completion_tokens": 7, "prompt_tokens": 11}
     # The user's state holds the same conversation as tau2's.
     assert [type(m).__name__ for m in user.state.messages] == [type(m).__name__ for m in state.messages]
+
+
+def test_request_built_by_appending_equals_tau2s_full_conversion(server, task, env):
+    """LLMUser converts only the messages added since its last request; every request equals tau2's conversion of
+    the whole state (system prompt + flip_roles + to_litellm_messages), as litellm would send it."""
+    tools = env.get_user_tools()
+    replies = [
+        tool_call_reply("check_status_bar", {}, call_id="call_1"),
+        text_reply("It shows no signal."),
+        tool_call_reply("toggle_airplane_mode", {}, call_id="call_2"),
+        text_reply("Done."),
+    ]
+    server.enqueue(*replies)
+    agent_says = iter(["Please toggle airplane mode."])
+    sent = []
+
+    def next_incoming(reply):
+        user_state = user_box[0].state
+        sent.append(wire(user_box[0].request_messages()))
+        reference = to_litellm_messages(user_state.system_messages + user_state.flip_roles())
+        assert sent[-1] == wire(reference)
+        if reply.message.is_tool_call():
+            return env.get_response(reply.message.tool_calls[0])
+        text = next(agent_says, None)
+        return None if text is None else AssistantMessage(role="assistant", content=text)
+
+    user_box = []
+    original = LLMUser.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        user_box.append(self)
+
+    LLMUser.__init__ = remember
+    try:
+        client = OpenAIChatClient(server.base_url, "fake-model", retry=RetryPolicy(backoff_base_s=0.001))
+        play_llm_user(task, tools, client, next_incoming)
+    finally:
+        LLMUser.__init__ = original
+    assert [len(m) for m in sent] == [3, 5, 7, 9]
+    bodies = [wire(r.body["messages"]) for r in server.requests]
+    for body, before in zip(bodies[1:], sent, strict=False):  # each request: the state then, plus what came in
+        assert body[:-1] == before
 
 
 def test_multi_tool_results_reach_the_user(server, task, env):

@@ -131,6 +131,9 @@ def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     which strict servers may reject."""
     cleaned = []
     for message in messages:
+        if "tool_calls" not in message:  # already clean (a cleaned message is never changed again): no copy
+            cleaned.append(message)
+            continue
         out = {k: v for k, v in message.items() if not (k == "tool_calls" and v is None)}
         if out.get("tool_calls"):
             if out.get("content") is None:
