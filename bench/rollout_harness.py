@@ -379,8 +379,10 @@ class TimedPolicy:
         episode = EPISODE.get()
         if episode:  # which script the policy double plays
             sampling_params = {**sampling_params, "bench_episode": episode}
+        request = self.inner.generate(input_ids, sampling_params)
+        del input_ids  # as the engine: while the request is in flight only the client's body holds the ids
         try:
-            return await self.inner.generate(input_ids, sampling_params)
+            return await request
         finally:
             self.calls.append(("policy", started, time.monotonic()))
 
@@ -1144,7 +1146,8 @@ def policy_body_at(tokens: int, new: int) -> Any:
     def one() -> None:
         record.add_glue(list(range(3000, 3000 + new)))
         if ids_json is not None:
-            policy._json_body("input_ids", policy.JsonIds(ids_json(), ids_json._count), params)
+            count = len(record.prompt_ids) + record.response_length
+            policy._json_body("input_ids", policy.JsonIds(ids_json(), count), params)
         elif hasattr(record, "ids_json"):  # the same, kept on the record (an earlier layout)
             policy._json_body("input_ids", policy.JsonIds(record.ids_json(), record.response_length), params)
         else:

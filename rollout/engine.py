@@ -39,7 +39,7 @@ from reward.tau2_reward_shaping import is_success
 from rollout.clients.policy import JsonIds, PolicyClient, PolicyServerError
 from rollout.settings import EpisodeConfig, ProcessSettings
 from rollout.tau2_setup import import_tau2
-from rollout.token_record import ChatRenderer, IdsJson, TokenRecord, shared_ids
+from rollout.token_record import ChatRenderer, IdsJson, TokenRecord
 from rollout.tool_format import format_assistant_turn, parse_assistant_text
 from rollout.tool_schemas import tool_schemas
 
@@ -160,6 +160,7 @@ def _compact(policy: str) -> str:
 
 
 _FAST_LOCK = threading.Lock()
+_SHARED_POLICIES: dict[str, str] = {}  # one string per distinct policy text, shared by every environment
 
 
 def _database_templates(constructor: Any) -> dict[str, Any]:
@@ -209,7 +210,11 @@ def fast_env_constructor(domain: str) -> Any:
                 for name, copier in templates.items():
                     if kwargs.get(name) is None:
                         kwargs[name] = copier.copy()
-            return constructor(*args, **kwargs)
+            env = constructor(*args, **kwargs)
+            policy = getattr(env, "policy", None)
+            if isinstance(policy, str):  # tau2 reads the policy files for every environment: ~86 KB each (telecom)
+                env.policy = _SHARED_POLICIES.setdefault(policy, policy)
+            return env
 
         fast.recipe_fast = True  # type: ignore[attr-defined]
         registry._domains[domain] = fast  # tau2's registry has no public way to replace a domain
@@ -488,10 +493,10 @@ class TokenAgent:
             self.record = TokenRecord(prompt_ids=await run_cpu(self.renderer.prompt_ids, opening))
             return True
         text = self.renderer.continuation_text(new_messages, self._turn_closed)
-        ids = self.renderer.encode(text)
+        ids = self.renderer.glue_ids(text)
         if len(ids) >= self._budget_left():  # no room left to sample even one token after it
             return False
-        self.record.add_glue(ids, text)
+        self.record.add_glue(ids)
         return True
 
     def _request_ids(self) -> list[int] | JsonIds:
@@ -502,8 +507,7 @@ class TokenAgent:
             return self.record.all_ids
         if self._ids_json is None or self._ids_json.record is not self.record:
             self._ids_json = IdsJson(self.record)
-        json = self._ids_json()
-        return JsonIds(json, len(self.record.prompt_ids) + self.record.response_length)
+        return JsonIds(self._ids_json(), len(self.record.prompt_ids) + self.record.response_length)
 
     async def act(self, new_messages: list[dict[str, Any]], turn_index: int) -> AgentTurn:
         if not await self._observe(new_messages) or self._budget_left() <= 0:
@@ -530,7 +534,7 @@ class TokenAgent:
         self.request_prompt_tokens += out.prompt_tokens
         if out.weight_version is not None:
             self.weight_versions.append(out.weight_version)
-        self.record.add_sampled(shared_ids(out.token_ids), out.logprobs)
+        self.record.add_sampled(out.token_ids, out.logprobs)
         closed = bool(out.token_ids) and out.token_ids[-1] in params["stop_token_ids"]
         if not closed and out.finish_reason != "abort" and len(out.token_ids) >= turn_cap and turn_cap < left:
             self.turn_cap_hits += 1

@@ -285,8 +285,7 @@ def fill_sample(
     record = result.record if result is not None else None
     metadata = dict(sample.metadata) if isinstance(getattr(sample, "metadata", None), dict) else {}
     if record is not None:
-        prompt_ids, response = list(record.prompt_ids), list(record.response_ids)
-        mask, log_probs = list(record.loss_mask), list(record.log_probs)
+        prompt_ids, response, mask, log_probs = record.as_lists()
     else:
         prompt_ids, response, mask, log_probs = [], [], [], []
     aborted = result is not None and result.status == "aborted"

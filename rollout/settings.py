@@ -242,6 +242,9 @@ class ProcessSettings(Tau2Settings):
     gil_switch_interval_ms: float = Field(
         default=1.0, ge=0.0, description="sys.setswitchinterval with TAU2_CPU_WORKERS > 0 (0: Python's default)"
     )
+    glue_cache_entries: int = Field(
+        default=4096, ge=0, description="template glue texts whose token ids are kept for reuse (0: encode every time)"
+    )
     log_level: str = Field(default="ERROR", description="level of tau2's own log (loguru)")
     recipe_cache: Path | None = Field(
         default=None, description="where models and tokenizers are prepared (unset: .cache in the repository)"

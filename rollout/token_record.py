@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -58,18 +60,9 @@ def load_tokenizer(source: str | os.PathLike[str], name: str = "") -> Any:
         return _TOKENIZERS[key]
 
 
-# One int object per token id, shared by every record: an id the tokenizer or a JSON parser returns is a new 28-byte
-# object (CPython caches only -5..256), and an episode holds thousands of them.
-_SHARED_IDS: list[int] = []
-
-
-def shared_ids(ids: list[int]) -> list[int]:
-    """The same ids, as the process's shared int objects (ids past the table, or negative, are kept as they are)."""
-    table = _SHARED_IDS
-    if not table:
-        table.extend(range(1 << 18))  # 262,144 ids: every vocabulary the recipe meets (Qwen3: 151,669)
-    size = len(table)
-    return [table[i] if 0 <= i < size else i for i in ids]
+def id_array(ids: Iterable[int] = ()) -> array:
+    """Token ids as a C array of int32: 4 bytes an id where a list holds an 8-byte pointer to a 28-byte int."""
+    return array("i", ids)
 
 
 class ChatRenderer:
@@ -92,6 +85,7 @@ class ChatRenderer:
             cached = self._analyse_template()
             self._ANCHORS[key] = cached
         self._anchor_text, self.end_of_turn_text, self.after_end_of_turn_text, self.end_of_turn_id = cached
+        self._glue_limit = _glue_cache_entries()
 
     def _analyse_template(self) -> tuple[str, str, str, int | None]:
         """Where an assistant turn ends in this template: the end-of-turn marker and the text after it."""
@@ -118,8 +112,28 @@ class ChatRenderer:
         if rust is False:
             rust = self._RUST[id(self.tokenizer)] = self._rust_tokenizer()
         if rust is not None:  # the Rust tokenizer itself: the transformers wrapper costs ~0.1 ms per call
-            return shared_ids(rust.encode(text, add_special_tokens=False).ids)
-        return shared_ids(self.tokenizer.encode(text, add_special_tokens=False))
+            return rust.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # (tokenizer, text) -> its ids: tool results and replies repeat across an episode's samples (a GRPO group plays
+    # one task n times), and encoding is the largest CPU piece of a turn. Bounded; oldest entries leave first.
+    _GLUE: ClassVar[dict[tuple[int, str], array]] = {}
+    _GLUE_MAX_TEXT = 32768
+
+    def glue_ids(self, text: str) -> array:
+        """`encode(text)` as an id array, from a bounded per-process cache (TAU2_GLUE_CACHE_ENTRIES; 0: off). The
+        array is shared: extend from it, never change it."""
+        limit = self._glue_limit
+        if limit <= 0 or len(text) > self._GLUE_MAX_TEXT:
+            return id_array(self.encode(text))
+        key = (id(self.tokenizer), text)
+        ids = self._GLUE.get(key)
+        if ids is None:
+            ids = id_array(self.encode(text))
+            while len(self._GLUE) >= limit:
+                self._GLUE.pop(next(iter(self._GLUE)))
+            self._GLUE[key] = ids
+        return ids
 
     def _rust_tokenizer(self) -> Any:
         """The fast tokenizer's `tokenizers.Tokenizer`, if it encodes like the wrapper (checked once on samples with
@@ -245,13 +259,20 @@ class Span:
 
 @dataclass
 class TokenRecord:
-    """prompt_ids + response (sampled and glue spans); `loss_mask` and `log_probs` align with the response."""
+    """prompt_ids + response (sampled and glue spans); `loss_mask` and `log_probs` align with the response.
 
-    prompt_ids: list[int]
-    response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
+    Kept as C arrays (int32 ids, int8 mask, float64 log-probs: exact as parsed): ~13 bytes a response token where
+    lists of Python objects take ~75. `as_lists()` gives slime's form."""
+
+    prompt_ids: array
+    response_ids: array = field(default_factory=id_array)
+    loss_mask: array = field(default_factory=lambda: array("b"))
+    log_probs: array = field(default_factory=lambda: array("d"))
     spans: list[Span] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_ids, array) or self.prompt_ids.typecode != "i":
+            self.prompt_ids = id_array(self.prompt_ids)
 
     @property
     def response_length(self) -> int:
@@ -259,26 +280,39 @@ class TokenRecord:
 
     @property
     def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.response_ids
+        return self.prompt_ids.tolist() + self.response_ids.tolist()
 
     @property
     def sampled_tokens(self) -> int:
         return sum(self.loss_mask)
 
-    def add_sampled(self, token_ids: list[int], log_probs: list[float]) -> None:
-        if len(token_ids) != len(log_probs):
-            raise ValueError(f"{len(token_ids)} sampled ids but {len(log_probs)} log-probs")
+    def as_lists(self) -> tuple[list[int], list[int], list[int], list[float]]:
+        """(prompt ids, response ids, loss mask, log-probs) as Python lists, the form slime's Sample holds."""
+        return (
+            self.prompt_ids.tolist(),
+            self.response_ids.tolist(),
+            self.loss_mask.tolist(),
+            self.log_probs.tolist(),
+        )
+
+    def add_sampled(self, token_ids: Iterable[int], log_probs: Iterable[float]) -> None:
         start = len(self.response_ids)
         self.response_ids.extend(token_ids)
-        self.loss_mask.extend([1] * len(token_ids))
-        self.log_probs.extend(float(x) for x in log_probs)
+        added = len(self.response_ids) - start
+        self.log_probs.extend(log_probs)
+        if len(self.log_probs) != len(self.response_ids):
+            got = len(self.log_probs) - start
+            del self.response_ids[start:], self.log_probs[start:]
+            raise ValueError(f"{added} sampled ids but {got} log-probs")
+        self.loss_mask.frombytes(b"\x01" * added)
         self.spans.append(Span("sampled", start, len(self.response_ids)))
 
-    def add_glue(self, token_ids: list[int], text: str | None = None) -> None:
+    def add_glue(self, token_ids: Iterable[int], text: str | None = None) -> None:
         start = len(self.response_ids)
         self.response_ids.extend(token_ids)
-        self.loss_mask.extend([0] * len(token_ids))
-        self.log_probs.extend([0.0] * len(token_ids))
+        added = len(self.response_ids) - start
+        self.loss_mask.frombytes(bytes(added))
+        self.log_probs.frombytes(bytes(8 * added))  # 0.0 is all zero bytes
         self.spans.append(Span("glue", start, len(self.response_ids), text))
 
     def check(self) -> None:
@@ -291,23 +325,47 @@ class TokenRecord:
 
 
 class IdsJson:
-    """A record's prompt + response ids as a JSON array for the policy request. The encoding is kept and extended by
-    the ids added since the last call, so each request encodes only its new ids (a record's ids only ever grow).
-    Held by the agent for its episode, not by the record: finished records do not keep it."""
+    """A record's prompt + response ids as JSON text for the policy request, in two parts: the prompt's ("[1,2,3",
+    shared by every episode with the same prompt: a GRPO group's samples) and the response's (",4,5", kept and
+    extended by the ids added since the last call, so each request encodes only its new ids). The client joins them
+    into the body; nothing else is copied. Held by the agent for its episode, not by the record."""
+
+    # prompt ids (as bytes) -> the prompt's JSON text without its closing bracket; bounded, oldest leave first
+    _PROMPTS: ClassVar[dict[bytes, bytes]] = {}
 
     def __init__(self, record: TokenRecord) -> None:
         self.record = record
-        self._json = bytearray()  # the array without its closing bracket
-        self._count = 0
+        self._prompt_json = self._prompt_text(record.prompt_ids)
+        self._prompt_count = len(record.prompt_ids)
+        self._json = bytearray()  # the response's ids, each preceded by a comma (none: empty)
+        self._count = 0  # response ids encoded
 
-    def __call__(self) -> bytes:
-        prompt, response = self.record.prompt_ids, self.record.response_ids
-        total = len(prompt) + len(response)
-        if self._count > total:  # not grown from what was encoded: start again
-            self._json, self._count = bytearray(), 0
-        if self._count < total:
-            start = self._count
-            new = prompt[start:] + response if start < len(prompt) else response[start - len(prompt) :]
-            self._json += (b"," if self._json else b"[") + orjson.dumps(new)[1:-1]
-            self._count = total
-        return bytes(self._json) + b"]" if self._json else b"[]"
+    @classmethod
+    def _prompt_text(cls, prompt: array) -> bytes:
+        key = prompt.tobytes()
+        text = cls._PROMPTS.get(key)
+        if text is None:
+            text = b"[" + orjson.dumps(prompt.tolist())[1:-1]
+            if len(cls._PROMPTS) >= 64:
+                cls._PROMPTS.pop(next(iter(cls._PROMPTS)))
+            cls._PROMPTS[key] = text
+        return text
+
+    def __call__(self) -> tuple[bytes | bytearray, ...]:
+        """The array's text without its closing bracket, as parts to join; valid until the next call."""
+        record = self.record
+        if len(record.prompt_ids) != self._prompt_count or self._count > len(record.response_ids):
+            self.__init__(record)  # type: ignore[misc]  # not grown from what was encoded: start again
+        response = record.response_ids
+        if self._count < len(response):
+            new = orjson.dumps(response[self._count :].tolist())
+            # ",4,5": a comma before each id, the first one's only after a non-empty prompt
+            self._json += (b"," if self._count or self._prompt_count else b"") + new[1:-1]
+            self._count = len(response)
+        return (self._prompt_json, self._json)
+
+
+def _glue_cache_entries() -> int:
+    from rollout.settings import ProcessSettings
+
+    return ProcessSettings.current().glue_cache_entries

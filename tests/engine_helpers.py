@@ -55,10 +55,11 @@ def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dic
     the whole sequence decodes to the template's rendering of the conversation, assistant turns as sampled.
     """
     record.check()
+    prompt_ids, response_ids, _, _ = record.as_lists()
     tok = renderer.tokenizer
     first = next((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), len(agent_view))
     prompt_messages = [*opening, *agent_view[:first]]
-    if renderer.encode(renderer.render(prompt_messages, add_generation_prompt=True)) != record.prompt_ids:
+    if renderer.encode(renderer.render(prompt_messages, add_generation_prompt=True)) != prompt_ids:
         raise AssertionError("prompt ids differ from the chat template's rendering of the opening conversation")
     sampled = [span for span in record.spans if span.kind == "sampled"]
     last = max((i for i, m in enumerate(agent_view) if m["role"] == "assistant"), default=len(agent_view) - 1)
@@ -71,7 +72,7 @@ def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dic
             continue
         if k >= len(sampled):
             raise AssertionError(f"more assistant turns in the view than the {len(sampled)} sampled spans")
-        ids = record.response_ids[sampled[k].start : sampled[k].end]
+        ids = response_ids[sampled[k].start : sampled[k].end]
         closed = bool(ids) and ids[-1] == renderer.end_of_turn_id
         text = tok.decode(ids[:-1] if closed else ids, skip_special_tokens=False)
         rebuilt.append({"role": "assistant", "content": text})
@@ -94,6 +95,6 @@ def verify_record(record: TokenRecord, renderer: ChatRenderer, opening: list[dic
         )
     for span in record.spans:
         if span.kind == "glue":
-            ids = record.response_ids[span.start : span.end]
+            ids = response_ids[span.start : span.end]
             if renderer.encode(tok.decode(ids, skip_special_tokens=False)) != ids:
                 raise AssertionError(f"glue span {span.start}:{span.end} does not re-encode to itself")

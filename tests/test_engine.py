@@ -69,7 +69,7 @@ def test_gold_episode_succeeds_and_tokens_match_template(tok, train_tasks, api):
     # Each sampled span is exactly the scripted text's ids plus the sampled end-of-turn token.
     sampled = [s for s in result.record.spans if s.kind == "sampled"]
     for span, text in zip(sampled, texts):
-        ids = result.record.response_ids[span.start : span.end]
+        ids = result.record.response_ids[span.start : span.end].tolist()
         assert ids == [*tok.encode(text, add_special_tokens=False), agent.renderer.end_of_turn_id]
 
 

@@ -214,8 +214,8 @@ def test_row_renders_exactly_what_the_rollout_engine_builds(train_tasks, smollm2
     checker = RowChecker(tok)
     masked = checker.mask(row)
     record = result.record
-    assert checker.prompt_ids(row) == record.prompt_ids
-    assert masked.input_ids[: masked.prompt_end] == record.prompt_ids
+    assert checker.prompt_ids(row) == record.prompt_ids.tolist()
+    assert masked.input_ids[: masked.prompt_end] == record.prompt_ids.tolist()
     # The whole episode: the row's tokens are the record's, plus the newline that closes the last turn.
     assert masked.input_ids[: len(record.all_ids)] == record.all_ids
     assert tok.decode(masked.input_ids[len(record.all_ids) :]) == "\n"

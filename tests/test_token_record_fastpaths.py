@@ -78,29 +78,64 @@ def test_ids_json_grows_with_the_record_and_matches_a_full_encode():
     from rollout.clients.policy import JsonIds, _json_body
     from rollout.token_record import IdsJson, TokenRecord
 
+    def text(ids_json: IdsJson) -> bytes:
+        return b"".join(ids_json()) + b"]"
+
     record = TokenRecord(prompt_ids=[5, 6, 7])
     ids_json = IdsJson(record)
-    assert orjson.loads(ids_json()) == [5, 6, 7]
+    assert orjson.loads(text(ids_json)) == [5, 6, 7]
     for step in range(6):
         if step % 2:
             record.add_glue([100 + step, 0])
         else:
             record.add_sampled([200 + step], [-0.5])
-        assert ids_json() == orjson.dumps(record.all_ids)
-    assert IdsJson(TokenRecord(prompt_ids=[]))() == b"[]"
+        assert text(ids_json) == orjson.dumps(record.all_ids)
+    twin = IdsJson(TokenRecord(prompt_ids=[5, 6, 7]))
+    assert twin()[0] is ids_json()[0]  # one prompt text for every episode with that prompt
+    empty = TokenRecord(prompt_ids=[])
+    assert text(IdsJson(empty)) == b"[]"
+    empty.add_glue([4])
+    assert text(IdsJson(empty)) == b"[4]"
+    shrunk = IdsJson(record)
+    text(shrunk)
+    del record.response_ids[2:], record.loss_mask[2:], record.log_probs[2:]  # not grown: encoded again
+    assert text(shrunk) == orjson.dumps(record.all_ids)
     params = {"sampling_params": {"temperature": 1.0}, "return_logprob": True}
     spliced = _json_body("input_ids", JsonIds(ids_json(), len(record.all_ids)), params)
     assert orjson.loads(spliced) == {"input_ids": record.all_ids, **params}
-    assert _json_body("prompt", JsonIds(b"[1]", 1), {}) == b'{"prompt":[1]}'
+    assert _json_body("prompt", JsonIds((b"[1",), 1), {}) == b'{"prompt":[1]}'
+    assert _json_body("prompt", JsonIds((b"[", b""), 0), {"a": 1}) == b'{"prompt":[],"a":1}'
 
 
-def test_shared_ids_keep_values_and_share_the_objects(tok):
-    from rollout.token_record import shared_ids
+def test_record_arrays_hold_exact_values_and_give_slimes_lists():
+    from rollout.token_record import TokenRecord
 
-    fresh = [int(str(n)) for n in (5, 1000, 49151, 300000, -1)]  # new int objects
-    shared = shared_ids(fresh)
-    assert shared == fresh
-    assert shared_ids([int("1000")])[0] is shared[1]  # one object per id across calls
+    record = TokenRecord(prompt_ids=[5, 151_668])
+    log_probs = [-0.123456789012345678, -1e-300, 0.0, -17.25]
+    record.add_sampled([10, 151_645, 3, 4], log_probs)
+    record.add_glue([198, 7])
+    prompt, response, mask, lps = record.as_lists()
+    assert prompt == [5, 151_668] and response == [10, 151_645, 3, 4, 198, 7]
+    assert mask == [1, 1, 1, 1, 0, 0] and record.sampled_tokens == 4
+    assert lps == [*log_probs, 0.0, 0.0]  # float64: the server's log-probs exactly, glue 0.0
+    assert all(type(v) is int for v in prompt + response + mask) and all(type(v) is float for v in lps)
+    assert record.all_ids == prompt + response
+    record.check()
+    with pytest.raises(ValueError, match="2 sampled ids but 1 log-probs"):
+        record.add_sampled([1, 2], [-0.1])
+    record.check()  # a refused turn leaves the record as it was
+    assert record.response_length == 6
+
+
+def test_glue_ids_are_cached_bounded_and_equal_to_encoding(tok, monkeypatch):
+    monkeypatch.setenv("TAU2_GLUE_CACHE_ENTRIES", "2")
+    monkeypatch.setattr(ChatRenderer, "_GLUE", {})
     renderer = ChatRenderer(tok)
-    text = "<|im_start|>user\nno signal<|im_end|>\n"
-    assert renderer.encode(text) == list(tok.encode(text, add_special_tokens=False))
+    texts = ["<|im_start|>user\nno signal<|im_end|>\n", '{"status": "active"}', "Grüße 😀"]
+    for text in texts:
+        assert renderer.glue_ids(text).tolist() == list(tok.encode(text, add_special_tokens=False))
+    assert renderer.glue_ids(texts[2]) is renderer.glue_ids(texts[2])  # reused
+    assert len(ChatRenderer._GLUE) == 2 and (id(tok), texts[0]) not in ChatRenderer._GLUE  # oldest left
+    monkeypatch.setenv("TAU2_GLUE_CACHE_ENTRIES", "0")
+    off = ChatRenderer(tok)
+    assert off.glue_ids(texts[0]) is not off.glue_ids(texts[0]) and len(ChatRenderer._GLUE) == 2

@@ -80,18 +80,20 @@ class PolicyServerError(RuntimeError):
 
 
 class JsonIds(NamedTuple):
-    """A prompt's token ids already encoded as a JSON array (TokenRecord.ids_json: kept as the ids grow, so a turn
-    encodes only its new ids) and how many there are. Clients with `takes_json_ids` accept it for `input_ids`."""
+    """A prompt's token ids already encoded as JSON (IdsJson: the prompt's text shared, the response's extended by
+    each turn's new ids): the array's text without its closing bracket, in parts ("[1,2", ",3"), and how many ids.
+    Clients with `takes_json_ids` accept it for `input_ids`."""
 
-    json: bytes
+    parts: tuple[bytes | bytearray, ...]
     count: int
 
 
 def _json_body(ids_key: str, input_ids: list[int] | JsonIds, rest: dict[str, Any]) -> bytes:
-    """The request body: the ids under `ids_key` first (JsonIds spliced in as they are), then `rest`."""
+    """The request body: the ids under `ids_key` first (JsonIds joined in one copy), then `rest`."""
     if isinstance(input_ids, JsonIds):
         tail = orjson.dumps(rest)
-        return b'{"' + ids_key.encode() + b'":' + input_ids.json + (b"," + tail[1:] if len(tail) > 2 else b"}")
+        key = b'{"' + ids_key.encode() + b'":'
+        return b"".join((key, *input_ids.parts, b"]", b"," + tail[1:] if len(tail) > 2 else b"}"))
     return orjson.dumps({ids_key: input_ids, **rest})
 
 
