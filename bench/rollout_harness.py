@@ -1435,7 +1435,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Speed-up: {fmt(ev['speedup'], 1)}x on the whole run, {fmt(ev['episodes_speedup'], 1)}x on the episodes "
         f"phase. Grouped fsyncs against one per finished episode (the same run otherwise): the episodes phase "
-        f"{fmt(ev.get('grouped_sync_gain'), 2)}x faster. Method: `eval/evaluate_tau2.py`'s `main()` in this process (`--sglang-url` the policy double, "
+        f"{fmt(ev.get('grouped_sync_gain'), 2)}x faster. Method: `eval/evaluate_tau2.py`'s `main()` in this "
+        "process (`--sglang-url` the policy double, "
         f"`--user-kind llm` the user double, telecom `test`), delays Lp = Lu = {s.eval_delay_s:g} s, "
         f"{s.eval_turns} policy turns per episode (LLM floor {fmt(ev['floor_s'])} s). The whole run includes "
         "loading tasks and tokenizer, the summary with bootstrap intervals and the chart; the episodes phase runs "
