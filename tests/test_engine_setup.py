@@ -71,6 +71,16 @@ def test_database_copies_are_equal_and_independent(train_tasks):
     assert constructor().tools.db.customers[0].full_name != "Changed In One Copy"
 
 
+def test_environments_share_one_policy_text_equal_to_tau2s(train_tasks):
+    from tau2.domains.telecom.environment import get_environment
+
+    constructor = engine.fast_env_constructor("telecom")
+    first, second, solo = constructor(), constructor(), constructor(solo_mode=True)
+    assert first.policy is second.policy  # one string, not ~86 KB per environment
+    assert first.policy == get_environment().policy  # tau2's own text
+    assert solo.policy == get_environment(solo_mode=True).policy != first.policy
+
+
 def test_database_copier_falls_back_to_deep_copy_when_pickling_fails():
     class Unpicklable:
         def __init__(self) -> None:
