@@ -1302,6 +1302,13 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(threads['lag_max_ms'], 1)} ms. The work holds the GIL either way; in threads the loop's socket "
             "calls also queue behind it for the GIL.",
         ]
+    one = next((r for r in tp if r["concurrency"] == 1), None)
+    fixed_line = (
+        f"at C = 1, {fmt((one['cpu_ms_per_episode'] - results['overhead']['cpu_ms_per_episode']) / one['wall_s'], 1)}"
+        " ms/s (its CPU per episode less the same episode's CPU at zero latency, section 1, over its wall time)"
+        if one is not None and results.get("overhead")
+        else "not measured (no C = 1 wave)"
+    )
     lines += [
         "",
         "Method: C episodes start together (a rollout batch) and the wall time runs until the last one is judged. "
@@ -1312,7 +1319,7 @@ def render(results: dict[str, Any]) -> str:
         "server slot. Reward: tau2's mean verdict (gold-like trajectories). Loop lag: a coroutine sleeping 20 ms "
         "measures how late it wakes. CPU: this process's CPU time (user + system, all threads) per episode and per "
         "30 policy turns. It includes a fixed cost per second of wall time that does not scale with the episodes "
-        "(at C = 1 nearly all of it: ~40 ms/s, of which the lag monitor ~10). "
+        f"(the loop's wake-ups, the lag monitor's 50 a second among them): {fixed_line}. "
         f"Unexpected episodes: {sum(r['unexpected'] for r in tp)}.",
         "",
         "## 3. The prior approach: tau2 `AgentGymEnv` stepped from coroutines",
@@ -1434,9 +1441,10 @@ def render(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Speed-up: {fmt(ev['speedup'], 1)}x on the whole run, {fmt(ev['episodes_speedup'], 1)}x on the episodes "
-        f"phase. Grouped fsyncs against one per finished episode (the same run otherwise): the episodes phase "
-        f"{fmt(ev.get('grouped_sync_gain'), 2)}x faster. Method: `eval/evaluate_tau2.py`'s `main()` in this "
-        "process (`--sglang-url` the policy double, "
+        f"phase. Grouped fsyncs against one fsync per finished episode (the same run otherwise): episodes phase "
+        f"{fmt(ev['runs'][0]['episodes_wall_s'], 2)} s against {fmt(ev['runs'][1]['episodes_wall_s'], 2)} s "
+        f"(every-episode / grouped: {fmt(ev.get('grouped_sync_gain'), 2)}). "
+        "Method: `eval/evaluate_tau2.py`'s `main()` in this process (`--sglang-url` the policy double, "
         f"`--user-kind llm` the user double, telecom `test`), delays Lp = Lu = {s.eval_delay_s:g} s, "
         f"{s.eval_turns} policy turns per episode (LLM floor {fmt(ev['floor_s'])} s). The whole run includes "
         "loading tasks and tokenizer, the summary with bootstrap intervals and the chart; the episodes phase runs "

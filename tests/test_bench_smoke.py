@@ -97,7 +97,9 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     assert 0 < memory["traced_mb_per_episode"] < 100  # tracemalloc's peak of the wave's Python allocations
 
     evaluation = results["eval"]
-    assert [run["concurrency"] for run in evaluation["runs"]] == [4, 1]
+    assert [run["concurrency"] for run in evaluation["runs"]] == [4, 4, 1]
+    assert [run["sync_every_s"] for run in evaluation["runs"]] == [1.0, 0.0, 1.0]  # grouped, every episode, grouped
+    assert _positive(evaluation["grouped_sync_gain"]) and all(_positive(run["cpu_s"]) for run in evaluation["runs"])
     for run in evaluation["runs"]:
         assert run["episodes"] == 4 and run["failed"] == 0 and _positive(run["wall_s"])
     assert _positive(evaluation["speedup"])
