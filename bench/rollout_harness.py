@@ -112,7 +112,7 @@ class Settings(BaseModel):
     gym_concurrency: int = 64
     gym_complete_episodes: int = 2  # played to the end, two at a time: per-call costs and a measured throughput
     gym_window_s: float = 0.0  # the as-shipped gym at gym_concurrency runs this long (0: skip)
-    gym_repaired_concurrency: list[int] = [64, 512]  # the repaired gym, played to the end at each C
+    gym_repaired_concurrency: list[int] = [1, 64, 512]  # the repaired gym, played to the end at each C
     token_turns: int = 50
     token_repeats: int = 5
     eval_tasks: int = 40
