@@ -11,11 +11,13 @@ import hashlib
 import os
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import orjson
+
+from rollout.settings import ProcessSettings
 
 SpanKind = Literal["sampled", "glue"]
 
@@ -65,6 +67,14 @@ def id_array(ids: Iterable[int] = ()) -> array:
     return array("i", ids)
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
+    """Put `value` in a bounded cache (at most `limit` entries; the oldest leave first) and return it."""
+    while len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 class ChatRenderer:
     """Renders messages with the tokenizer's chat template, with the task's tools passed natively (`tools=`)."""
 
@@ -85,7 +95,7 @@ class ChatRenderer:
             cached = self._analyse_template()
             self._ANCHORS[key] = cached
         self._anchor_text, self.end_of_turn_text, self.after_end_of_turn_text, self.end_of_turn_id = cached
-        self._glue_limit = _glue_cache_entries()
+        self._glue_limit = ProcessSettings.current().glue_cache_entries
 
     def _analyse_template(self) -> tuple[str, str, str, int | None]:
         """Where an assistant turn ends in this template: the end-of-turn marker and the text after it."""
@@ -128,12 +138,7 @@ class ChatRenderer:
             return id_array(self.encode(text))
         key = (id(self.tokenizer), text)
         ids = self._GLUE.get(key)
-        if ids is None:
-            ids = id_array(self.encode(text))
-            while len(self._GLUE) >= limit:
-                self._GLUE.pop(next(iter(self._GLUE)))
-            self._GLUE[key] = ids
-        return ids
+        return ids if ids is not None else _remember(self._GLUE, key, id_array(self.encode(text)), limit)
 
     def _rust_tokenizer(self) -> Any:
         """The fast tokenizer's `tokenizers.Tokenizer`, if it encodes like the wrapper (checked once on samples with
@@ -176,9 +181,7 @@ class ChatRenderer:
         except TypeError:  # a value JSON cannot hold: no shortcut
             return self.encode(self.render(messages, add_generation_prompt=True))
         key = (id(self.tokenizer), getattr(self.tokenizer, "chat_template", None), digest)
-        if key not in self._PREFIXES:
-            if len(self._PREFIXES) >= 64:  # a bounded cache: prefixes that differ per task would grow it forever
-                self._PREFIXES.pop(next(iter(self._PREFIXES)))
+        if key not in self._PREFIXES:  # bounded: prefixes that differ per task would grow it forever
             full = self.render(messages, add_generation_prompt=True)
             ids = self.encode(full)
             prefix = self.render(messages[:-1], add_generation_prompt=False)
@@ -188,7 +191,7 @@ class ChatRenderer:
                 tail = None
             prefix_ids = self.encode(prefix) if tail is not None and full == prefix + tail else None
             ok = prefix_ids is not None and tail is not None and prefix_ids + self.encode(tail) == ids
-            self._PREFIXES[key] = prefix_ids if ok else None
+            _remember(self._PREFIXES, key, prefix_ids if ok else None, 64)
             return ids
         prefix_ids = self._PREFIXES[key]
         if prefix_ids is None:
@@ -254,7 +257,6 @@ class Span:
     kind: SpanKind
     start: int  # offset into the response ids
     end: int
-    text: str | None = None  # glue: the rendered text its ids encode
 
 
 @dataclass
@@ -295,25 +297,21 @@ class TokenRecord:
             self.log_probs.tolist(),
         )
 
-    def add_sampled(self, token_ids: Iterable[int], log_probs: Iterable[float]) -> None:
+    def add_sampled(self, token_ids: Sequence[int], log_probs: Sequence[float]) -> None:
+        if len(token_ids) != len(log_probs):
+            raise ValueError(f"{len(token_ids)} sampled ids but {len(log_probs)} log-probs")
         start = len(self.response_ids)
         self.response_ids.extend(token_ids)
-        added = len(self.response_ids) - start
         self.log_probs.extend(log_probs)
-        if len(self.log_probs) != len(self.response_ids):
-            got = len(self.log_probs) - start
-            del self.response_ids[start:], self.log_probs[start:]
-            raise ValueError(f"{added} sampled ids but {got} log-probs")
-        self.loss_mask.frombytes(b"\x01" * added)
+        self.loss_mask.frombytes(b"\x01" * len(token_ids))
         self.spans.append(Span("sampled", start, len(self.response_ids)))
 
-    def add_glue(self, token_ids: Iterable[int], text: str | None = None) -> None:
+    def add_glue(self, token_ids: Sequence[int]) -> None:
         start = len(self.response_ids)
         self.response_ids.extend(token_ids)
-        added = len(self.response_ids) - start
-        self.loss_mask.frombytes(bytes(added))
-        self.log_probs.frombytes(bytes(8 * added))  # 0.0 is all zero bytes
-        self.spans.append(Span("glue", start, len(self.response_ids), text))
+        self.loss_mask.frombytes(bytes(len(token_ids)))
+        self.log_probs.frombytes(bytes(8 * len(token_ids)))  # 0.0 is all zero bytes
+        self.spans.append(Span("glue", start, len(self.response_ids)))
 
     def check(self) -> None:
         """slime's invariants: one mask entry and one log-prob per response token."""
@@ -335,27 +333,24 @@ class IdsJson:
 
     def __init__(self, record: TokenRecord) -> None:
         self.record = record
-        self._prompt_json = self._prompt_text(record.prompt_ids)
-        self._prompt_count = len(record.prompt_ids)
+        self._start()
+
+    def _start(self) -> None:
+        prompt = self.record.prompt_ids
+        key = prompt.tobytes()
+        text = self._PROMPTS.get(key)
+        if text is None:
+            text = _remember(self._PROMPTS, key, b"[" + orjson.dumps(prompt.tolist())[1:-1], 64)
+        self._prompt_json = text
+        self._prompt_count = len(prompt)
         self._json = bytearray()  # the response's ids, each preceded by a comma (none: empty)
         self._count = 0  # response ids encoded
-
-    @classmethod
-    def _prompt_text(cls, prompt: array) -> bytes:
-        key = prompt.tobytes()
-        text = cls._PROMPTS.get(key)
-        if text is None:
-            text = b"[" + orjson.dumps(prompt.tolist())[1:-1]
-            if len(cls._PROMPTS) >= 64:
-                cls._PROMPTS.pop(next(iter(cls._PROMPTS)))
-            cls._PROMPTS[key] = text
-        return text
 
     def __call__(self) -> tuple[bytes | bytearray, ...]:
         """The array's text without its closing bracket, as parts to join; valid until the next call."""
         record = self.record
         if len(record.prompt_ids) != self._prompt_count or self._count > len(record.response_ids):
-            self.__init__(record)  # type: ignore[misc]  # not grown from what was encoded: start again
+            self._start()  # not grown from what was encoded: start again
         response = record.response_ids
         if self._count < len(response):
             new = orjson.dumps(response[self._count :].tolist())
@@ -363,9 +358,3 @@ class IdsJson:
             self._json += (b"," if self._count or self._prompt_count else b"") + new[1:-1]
             self._count = len(response)
         return (self._prompt_json, self._json)
-
-
-def _glue_cache_entries() -> int:
-    from rollout.settings import ProcessSettings
-
-    return ProcessSettings.current().glue_cache_entries
