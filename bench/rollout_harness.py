@@ -15,7 +15,8 @@ Sections (each measured once per run):
 4. per-turn token bookkeeping (incremental glue) versus re-tokenizing the whole conversation every turn;
 5. memory per concurrent episode;
 6. eval/evaluate_tau2.py at high concurrency versus one episode at a time;
-7. where an episode's CPU time goes (the parts that dominate at high concurrency).
+7. where an episode's CPU time goes (the parts that dominate at high concurrency);
+8. a floor under the CPU target: what tau2's own work and the HTTP requests of 30 turns cost on their own.
 
 The gym section runs first: the engine installs a faster environment constructor in tau2's registry, and the prior
 approach must run against tau2 as shipped. The output file's hand-written part (from "## Findings and fixes" on) is
@@ -124,6 +125,9 @@ class Settings(BaseModel):
     memory_wave: bool = True  # the largest C again under tracemalloc (memory per episode)
     threads_compare: int = 0  # one more wave at the largest C with CPU work in this many threads (0: skip)
     breakdown_repeats: int = 20
+    floor_episodes: int = 5  # played one at a time (zero delay); tau2's work per 30 turns is read from them
+    floor_requests: int = 2000  # policy requests timed per HTTP client
+    floor_concurrency: int = 64
 
 
 QUICK = Settings(
@@ -158,6 +162,9 @@ QUICK = Settings(
     memory_wave=True,
     threads_compare=0,
     breakdown_repeats=3,
+    floor_episodes=2,
+    floor_requests=40,
+    floor_concurrency=4,
 )
 
 
@@ -1167,6 +1174,166 @@ def policy_body_at(tokens: int, new: int) -> Any:
     return one
 
 
+# ---------------------------------------------------------------------------------------------------- section 8
+
+
+class MinimalHttp(asyncio.Protocol):
+    """A price, not a client: keep-alive HTTP/1.1 POSTs answered with a Content-Length body; no retries, timeouts,
+    TLS, chunked replies or redirects. What any Python client must spend on a request: one write, the reads, JSON.
+    The recipe does not use it."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.reply: asyncio.Future[bytes] | None = None
+        self.header_end = -1
+        self.total = -1
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.total < 0:
+            self.header_end = self.buffer.find(b"\r\n\r\n")
+            if self.header_end < 0:
+                return
+            head = bytes(self.buffer[: self.header_end]).lower()
+            length = re.search(rb"content-length:\s*(\d+)", head)
+            if length is None:
+                raise RuntimeError("MinimalHttp reads Content-Length replies only")
+            self.total = self.header_end + 4 + int(length.group(1))
+        if len(self.buffer) >= self.total and self.reply is not None:
+            self.reply.set_result(bytes(self.buffer[self.header_end + 4 : self.total]))
+            del self.buffer[: self.total]
+            self.total, self.reply = -1, None
+
+    async def post(self, head: bytes, body: bytes) -> bytes:
+        self.reply = asyncio.get_running_loop().create_future()
+        self.transport.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return await self.reply
+
+
+async def request_cpu_ms(bench: Bench, prompt_ids: list[int], minimal: bool) -> float:
+    """CPU of this process per policy request (body built, sent, reply read and parsed), `floor_requests` requests
+    `floor_concurrency` at a time, zero endpoint delay: the recipe's client, or MinimalHttp over as many connections."""
+    import orjson
+
+    from rollout.clients.policy import _json_body, build_policy_client
+
+    s = bench.settings
+    params = {"sampling_params": {"temperature": 1.0, "max_new_tokens": 1024}, "return_logprob": True}
+    if minimal:
+        url = bench.doubles.policy_url.split("//", 1)[1]
+        host, port = url.split("/", 1)[0].rsplit(":", 1)
+        head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n".encode()
+        loop = asyncio.get_running_loop()
+        free: asyncio.Queue[MinimalHttp] = asyncio.Queue()
+        for _ in range(s.floor_concurrency):
+            free.put_nowait((await loop.create_connection(MinimalHttp, host, int(port)))[1])
+
+        async def one() -> None:
+            conn = await free.get()
+            data = orjson.loads(await conn.post(head, _json_body("input_ids", prompt_ids, params)))
+            free.put_nowait(conn)
+            entries = data["meta_info"]["output_token_logprobs"]
+            [int(e[1]) for e in entries], [float(e[0]) for e in entries]
+
+    else:
+        client = build_policy_client(bench.doubles.policy_url, api="sglang")
+        gate = asyncio.Semaphore(s.floor_concurrency)
+
+        async def one() -> None:
+            async with gate:
+                await client.generate(prompt_ids, params["sampling_params"])
+
+    await asyncio.gather(*(one() for _ in range(s.floor_concurrency)))  # warm: connections opened
+    cpu0 = time.process_time()
+    await asyncio.gather(*(one() for _ in range(s.floor_requests)))
+    cpu = time.process_time() - cpu0
+    if minimal:
+        while not free.empty():
+            free.get_nowait().transport.close()
+    else:
+        await client.aclose()
+    return 1000 * cpu / s.floor_requests
+
+
+def section_floor(bench: Bench) -> dict[str, Any]:
+    """What 30 policy turns cost before any harness code runs: tau2's verdict and tool calls (timed on episodes
+    played one at a time; the verdict re-run alone on each episode's trajectory) and the HTTP requests (per-request
+    CPU of the recipe's client and of MinimalHttp, times the requests the episodes made)."""
+    from tau2.data_model.simulation import SimulationRun
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+
+    from rollout.token_record import ChatRenderer
+
+    s = bench.settings
+    bench.configure(0.0)
+
+    async def play() -> tuple[list[Played], int]:
+        ours = Ours(bench)
+        await ours.play(0)
+        ours.calls.clear()
+        played = [await ours.play(i) for i in range(s.floor_episodes)]
+        await ours.aclose()
+        return played, len(ours.calls)
+
+    played, requests = asyncio.run(play())
+    turns = sum(p.result.turns for p in played)
+    verdict_s = 0.0
+    for p in played:
+        r = p.result
+        simulation = SimulationRun(
+            id=r.simulation_id or "floor",
+            task_id=r.task_id,
+            start_time=r.start_time,
+            end_time=r.end_time,
+            duration=r.duration_s,
+            termination_reason=r.tau2_termination_reason,
+            messages=r.messages,
+        )
+        task = bench.tasks[p.task_index]
+        samples = []
+        for _ in range(3):
+            cpu0 = time.process_time()
+            evaluate_simulation(simulation, task, EvaluationType.ALL, False, "telecom")
+            samples.append(time.process_time() - cpu0)
+        verdict_s += statistics.median(samples)
+    view_task = bench.tasks[0]
+    from rollout.engine import EpisodeConfig, build_environment, task_view
+
+    view = task_view(view_task, build_environment("telecom", view_task, False), EpisodeConfig())
+    opening = [{"role": "system", "content": view.system_prompt}, *view.opening, {"role": "user", "content": "Hi."}]
+    prompt_ids = list(ChatRenderer(bench.tokenizer, view.tools).prompt_ids(opening))
+    per_30 = 30 / turns
+    recipe_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=False))
+    minimal_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=True))
+    on_uvloop = None
+    with contextlib.suppress(ImportError):  # measured where uvloop is installed; the recipe does not need it
+        import uvloop
+
+        on_uvloop = {
+            "recipe_request_ms": uvloop.run(request_cpu_ms(bench, prompt_ids, minimal=False)),
+            "minimal_request_ms": uvloop.run(request_cpu_ms(bench, prompt_ids, minimal=True)),
+        }
+    tau2_ms = 1000 * per_30 * (verdict_s + sum(p.result.env_s for p in played))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": load_line(),
+        "episodes": len(played),
+        "turns_mean": turns / len(played),
+        "prompt_tokens": len(prompt_ids),
+        "requests_per_30_turns": requests * per_30,
+        "verdict_ms_per_30_turns": 1000 * per_30 * verdict_s,
+        "tools_ms_per_30_turns": 1000 * per_30 * sum(p.result.env_s for p in played),
+        "recipe_request_ms": recipe_ms,
+        "minimal_request_ms": minimal_ms,
+        "floor_recipe_client_ms": tau2_ms + requests * per_30 * recipe_ms,
+        "floor_minimal_client_ms": tau2_ms + requests * per_30 * minimal_ms,
+        "uvloop": on_uvloop,
+    }
+
+
 # ------------------------------------------------------------------------------------------------------ report
 
 
@@ -1464,7 +1631,55 @@ def render(results: dict[str, Any]) -> str:
         "threads, so they serialize; the engine runs them on the loop (`run_cpu`).",
         "",
     ]
+    if "floor" in results:
+        lines += floor_lines(results["floor"], s)
     return "\n".join(lines)
+
+
+def floor_lines(fl: dict[str, Any], s: Settings) -> list[str]:
+    target = TARGETS["cpu_ms_per_30_turns"]
+    requests = fl["requests_per_30_turns"]
+    lines = [
+        f"## 8. A floor under the CPU target ({target:g} ms per 30 turns)",
+        "",
+        f"Measured {fl['date']} (load {fl['load']}). {fl['episodes']} bench episodes ({fl['turns_mean']:.0f} policy "
+        "turns on average) played one at a time with zero delay; tau2's verdict re-run alone on each trajectory "
+        f"(CPU, median of 3), tau2's tool calls as the engine timed them; {requests:.0f} requests per 30 turns "
+        f"(policy and user). Per-request CPU: {s.floor_requests} policy requests with a {fl['prompt_tokens']}-token "
+        f"prompt, {s.floor_concurrency} at a time, zero delay, body built, sent, reply read and parsed, applied to "
+        "every request. `MinimalHttp` (bench/rollout_harness.py) is a bare HTTP/1.1 client (one write, Content-Length "
+        "reads, no retries or timeouts): the price of a request in any Python client.",
+        "",
+        "| part | ms per 30 turns |",
+        "|---|---|",
+        f"| tau2's verdict (`evaluate_simulation`) | {fmt(fl['verdict_ms_per_30_turns'])} |",
+        f"| tau2's tool calls (`Environment.get_response`) | {fmt(fl['tools_ms_per_30_turns'])} |",
+        f"| {requests:.0f} requests, the recipe's client (aiohttp, {fmt(fl['recipe_request_ms'], 3)} ms each) | "
+        f"{fmt(requests * fl['recipe_request_ms'])} |",
+        f"| {requests:.0f} requests, `MinimalHttp` ({fmt(fl['minimal_request_ms'], 3)} ms each) | "
+        f"{fmt(requests * fl['minimal_request_ms'])} |",
+        f"| **floor: tau2 + requests, the recipe's client** | **{fmt(fl['floor_recipe_client_ms'])}** |",
+        f"| **floor: tau2 + requests, `MinimalHttp`** | **{fmt(fl['floor_minimal_client_ms'])}** |",
+        "",
+    ]
+    uv = fl.get("uvloop")
+    if uv:
+        tau2_ms = fl["verdict_ms_per_30_turns"] + fl["tools_ms_per_30_turns"]
+        lines.append(
+            "On uvloop (installed where this ran; the recipe does not depend on it): the recipe's client "
+            f"{fmt(uv['recipe_request_ms'], 3)} ms a request, `MinimalHttp` {fmt(uv['minimal_request_ms'], 3)} ms; "
+            f"the floor with `MinimalHttp` on uvloop: {fmt(tau2_ms + requests * uv['minimal_request_ms'])} ms per "
+            "30 turns."
+        )
+    else:
+        lines.append("uvloop is not installed here: no uvloop figures.")
+    lines += [
+        "",
+        "Nothing else of an episode is in the floor: no template glue, no request building for the user simulator, "
+        "no tau2 message objects, no event loop beyond these requests, no partial credit.",
+        "",
+    ]
+    return lines
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1599,6 +1814,8 @@ def main(argv: list[str] | None = None) -> int:
         results["eval"] = section_eval(bench)
         print("7. per-episode CPU breakdown", flush=True)
         results["breakdown"] = section_breakdown(bench)
+        print("8. a floor under the CPU target", flush=True)
+        results["floor"] = section_floor(bench)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     results["meta"] = {
         "quick": args.quick,

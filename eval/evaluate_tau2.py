@@ -472,6 +472,32 @@ class EpisodeLog:
             self._unsynced = True
 
 
+def records_of_config(
+    log: EpisodeLog,
+    hashed: dict[str, Any],
+    hash_value: str,
+    overwrite: bool,
+    noun: str,
+    remedy: str,
+    overwrite_all: bool,
+) -> list[dict[str, Any]]:
+    """The open log's records, none from another configuration: those are refused (naming the first difference and
+    `remedy`) unless `overwrite`, which empties the log when it holds them, or whenever it holds records if
+    `overwrite_all`."""
+    records = log.read()
+    foreign = [r for r in records if r.get("config_hash") != hash_value]
+    if foreign and not overwrite:
+        raise UsageError(
+            f"{log.path} holds {len(foreign)} {noun} from another configuration "
+            f"({config_difference(foreign[0].get('config'), hashed)}); pass --overwrite to {remedy}"
+        )
+    if overwrite and (foreign or (overwrite_all and records)):
+        info(f"--overwrite: discarding {len(records)} recorded {noun} in {log.path}")
+        log.reset()
+        return []
+    return records
+
+
 def _parse_record(line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
@@ -835,16 +861,9 @@ def run_baselines(
     log = EpisodeLog(paths["baselines"])
     log.open()
     try:
-        records = log.read()
-        foreign = [r for r in records if r.get("config_hash") != hash_value]
-        if foreign and not args.overwrite:
-            raise UsageError(
-                f"{paths['baselines']} holds {len(foreign)} baseline episode(s) from other settings "
-                f"({config_difference(foreign[0].get('config'), hashed)}); pass --overwrite to replay them"
-            )
-        if foreign:
-            log.reset()
-            records = []
+        # --overwrite replays baselines of other settings only: the ones of these settings would come out the same.
+        noun = "baseline episode(s)"
+        records = records_of_config(log, hashed, hash_value, args.overwrite, noun, "replay them", False)
         done = {
             (r.get("policy"), r["task_id"], r["trial"])
             for r in records
@@ -990,18 +1009,8 @@ def run(args: argparse.Namespace) -> int:
     created = not paths["episodes"].exists()
     log.open()
     try:
-        records = log.read()
-        foreign = [r for r in records if r.get("config_hash") != hash_value]
-        if foreign and not args.overwrite:
-            raise UsageError(
-                f"{paths['episodes']} holds {len(foreign)} episode(s) from another configuration "
-                f"({config_difference(foreign[0].get('config'), hashed)}); pass --overwrite to discard them or "
-                "choose another --output-path"
-            )
-        if args.overwrite and records:
-            info(f"--overwrite: discarding {len(records)} recorded episode(s) in {paths['episodes']}")
-            log.reset()
-            records = []
+        remedy = "discard them or choose another --output-path"
+        records = records_of_config(log, hashed, hash_value, args.overwrite, "episode(s)", remedy, True)
         latest = latest_by_pair(records)
         wanted = {(task_id, trial) for task_id in task_ids for trial in range(args.num_trials)}
         done = {

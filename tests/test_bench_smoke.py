@@ -21,6 +21,7 @@ SECTIONS = (
     "## 5. Memory per concurrent episode",
     "## 6. Evaluator",
     "## 7. Where an episode's CPU goes",
+    "## 8. A floor under the CPU target",
 )
 SETTINGS = {"token_turns": 6, "concurrency": [1, 4], "gym_complete_episodes": 2, "threads_compare": 1}
 
@@ -105,6 +106,14 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
     assert _positive(evaluation["speedup"])
 
     assert all(_positive(row["ms"]) for row in results["breakdown"])
+    floor = results["floor"]
+    assert floor["episodes"] == 2 and _positive(floor["requests_per_30_turns"]) and floor["prompt_tokens"] > 1000
+    for key in ("verdict_ms_per_30_turns", "tools_ms_per_30_turns", "recipe_request_ms", "minimal_request_ms"):
+        assert _positive(floor[key]), key
+    tau2_ms = floor["verdict_ms_per_30_turns"] + floor["tools_ms_per_30_turns"]
+    for client in ("recipe", "minimal"):
+        expected = tau2_ms + floor["requests_per_30_turns"] * floor[f"{client}_request_ms"]
+        assert math.isclose(floor[f"floor_{client}_client_ms"], expected, rel_tol=1e-9), client
     assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
     assert results["meta"]["cores"] >= 1 and results["meta"]["load_before"]
 

@@ -328,6 +328,21 @@ def test_clean_messages_gives_openai_wire_form():
         },
         {"role": "tool", "content": "ok", "tool_call_id": "c1"},
     ]
+    # Cleaning a clean list keeps every message as it is, the same object: the user simulator's growing request
+    # list is cleaned once a message and passed whole to complete() every turn.
+    cleaned = clean_messages(tau2_style)
+    again = clean_messages(cleaned)
+    assert again == cleaned and all(a is b for a, b in zip(again, cleaned))
+    # Not clean yet: a dict of arguments, a call with tau2's extra "name", content None beside calls.
+    call = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": {"x": 1}}}
+    assert clean_messages([{"role": "assistant", "tool_calls": [call]}])[0]["tool_calls"][0]["function"] == {
+        "name": "g",
+        "arguments": '{"x": 1}',
+    }
+    named = {**call, "name": "g", "function": {"name": "g", "arguments": "{}"}}
+    assert "name" not in clean_messages([{"role": "assistant", "tool_calls": [named]}])[0]["tool_calls"][0]
+    wire = {**call, "function": {"name": "g", "arguments": "{}"}}
+    assert "content" not in clean_messages([{"role": "assistant", "content": None, "tool_calls": [wire]}])[0]
 
 
 def test_build_chat_client():

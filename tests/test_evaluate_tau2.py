@@ -464,7 +464,7 @@ def test_tau2_tools_read_a_recipe_run(tmp_path, policy_url, tasks, smollm2_model
     capsys.readouterr()
 
 
-def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_dir):
+def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_dir, capsys):
     """The shortcut baselines are played on the same tasks with the same user and reported with a verdict."""
     from rollout.scripted import SCRIPTED_POLICIES
 
@@ -507,6 +507,20 @@ def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_
     assert len(_jsonl(output.with_suffix(".baselines.jsonl"))) == len(records)
     assert main([*_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks]), "--no-baselines"]) == 0
     assert "baselines" not in json.loads(output.read_text())
+
+    # Baselines of other settings are refused, the file left as it was; --overwrite replays just those.
+    baselines_file = output.with_suffix(".baselines.jsonl")
+    stale = [{**r, "config_hash": "0" * 16, "config": {**r["config"], "max_steps": 7}} for r in records[:2]]
+    baselines_file.write_text("".join(json.dumps(r) + "\n" for r in stale + records[2:]))
+    before = baselines_file.read_bytes()
+    capsys.readouterr()
+    assert main(_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks])) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the episodes' "resuming" line
+    assert "2 baseline episode(s) from another configuration" in err and "max_steps: 7 -> " in err
+    assert "--overwrite to replay them" in err and baselines_file.read_bytes() == before
+    assert main([*_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks]), "--overwrite"]) == 0
+    replayed = _jsonl(baselines_file)
+    assert len(replayed) == len(records) and {r["config_hash"] for r in replayed} == {records[0]["config_hash"]}
 
 
 def _tau2_run_results(tasks: list[Any], save_to: Path) -> Path:

@@ -125,13 +125,27 @@ def _json_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return function
 
 
+_WIRE_CALL_KEYS = {"id", "type", "function"}
+
+
+def _wire_ready(message: dict[str, Any]) -> bool:
+    """A message with tool calls already in the form clean_messages gives it (the user simulator's request list is
+    cleaned as it grows, then passed whole to `complete` each turn)."""
+    calls = message["tool_calls"]
+    return (
+        bool(calls)
+        and message.get("content", "") is not None
+        and all(call.keys() == _WIRE_CALL_KEYS and isinstance(call["function"].get("arguments"), str) for call in calls)
+    )
+
+
 def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI wire form of messages built by tau2's `to_litellm_messages`, as litellm sends them: no `tool_calls:
     null`, no `content: null` beside tool calls; also without the extra top-level `name` tau2 puts in each call,
     which strict servers may reject."""
     cleaned = []
     for message in messages:
-        if "tool_calls" not in message:  # already clean (a cleaned message is never changed again): no copy
+        if "tool_calls" not in message or _wire_ready(message):  # already clean: kept, not copied (O(new) a turn)
             cleaned.append(message)
             continue
         out = {k: v for k, v in message.items() if not (k == "tool_calls" and v is None)}
