@@ -1198,6 +1198,8 @@ class MinimalHttp(asyncio.Protocol):
             if self.header_end < 0:
                 return
             head = bytes(self.buffer[: self.header_end]).lower()
+            if not head.startswith((b"http/1.1 200 ", b"http/1.0 200 ")):
+                raise RuntimeError(f"MinimalHttp: {head.splitlines()[0]!r} from the policy double")
             length = re.search(rb"content-length:\s*(\d+)", head)
             if length is None:
                 raise RuntimeError("MinimalHttp reads Content-Length replies only")
@@ -1265,6 +1267,7 @@ def section_floor(bench: Bench) -> dict[str, Any]:
     from tau2.data_model.simulation import SimulationRun
     from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
+    from rollout.engine import EpisodeConfig, build_environment, task_view
     from rollout.token_record import ChatRenderer
 
     s = bench.settings
@@ -1296,12 +1299,12 @@ def section_floor(bench: Bench) -> dict[str, Any]:
         samples = []
         for _ in range(3):
             cpu0 = time.process_time()
-            evaluate_simulation(simulation, task, EvaluationType.ALL, False, "telecom")
+            info = evaluate_simulation(simulation, task, EvaluationType.ALL, False, "telecom")
             samples.append(time.process_time() - cpu0)
+            if info.reward != r.reward:  # the verdict timed must be the episode's own
+                raise RuntimeError(f"tau2's verdict re-run gave {info.reward}, the episode had {r.reward}")
         verdict_s += statistics.median(samples)
     view_task = bench.tasks[0]
-    from rollout.engine import EpisodeConfig, build_environment, task_view
-
     view = task_view(view_task, build_environment("telecom", view_task, False), EpisodeConfig())
     opening = [{"role": "system", "content": view.system_prompt}, *view.opening, {"role": "user", "content": "Hi."}]
     prompt_ids = list(ChatRenderer(bench.tokenizer, view.tools).prompt_ids(opening))
