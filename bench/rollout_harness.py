@@ -526,6 +526,25 @@ async def ours_wave(bench: Bench, concurrency: int, scale: float = 1.0, trace_me
 # ---------------------------------------------------------------------------------------------------- section 1
 
 
+async def one_at_a_time(bench: Bench, episodes: int) -> tuple[list[Played], float, list[tuple[str, float, float]]]:
+    """`episodes` episodes played one after another after a warm-up one (the doubles' records cleared after it):
+    the episodes, this process's CPU seconds over them, and their requests (kind, start, end) in start order."""
+    ours = Ours(bench)
+    await ours.play(0)
+    bench.doubles.reset()
+    ours.calls.clear()
+    cpu0 = time.process_time()
+    played = [await ours.play(i) for i in range(episodes)]
+    cpu = time.process_time() - cpu0
+    await ours.aclose()
+    return played, cpu, sorted(ours.calls, key=lambda c: c[1])
+
+
+def first_prompt(view: Any) -> list[dict[str, Any]]:
+    """A task's first policy prompt: its system prompt, tau2's opening and a first user message."""
+    return [{"role": "system", "content": view.system_prompt}, *view.opening, {"role": "user", "content": "Hi."}]
+
+
 def section_overhead(bench: Bench) -> dict[str, Any]:
     """Zero endpoint delay, one episode at a time. A turn runs from one policy request to the next (client side).
     'Harness' = the turn minus the service time of its requests as the doubles measured it on their side (so HTTP on
@@ -533,18 +552,7 @@ def section_overhead(bench: Bench) -> dict[str, Any]:
     s = bench.settings
     bench.configure(0.0)
 
-    async def run() -> tuple[list[Played], float, list[tuple[str, float, float]]]:
-        ours = Ours(bench)
-        await ours.play(0)
-        bench.doubles.reset()
-        ours.calls.clear()
-        cpu0 = time.process_time()
-        played = [await ours.play(i) for i in range(s.overhead_episodes)]
-        cpu = time.process_time() - cpu0
-        await ours.aclose()
-        return played, cpu, sorted(ours.calls, key=lambda c: c[1])
-
-    played, cpu, calls = asyncio.run(run())
+    played, cpu, calls = asyncio.run(one_at_a_time(bench, s.overhead_episodes))
     served = sorted(bench.doubles.records(), key=lambda r: r[2])
     if [c[0] for c in calls] != [r[0] for r in served]:
         raise RuntimeError(f"{len(calls)} requests sent but {len(served)} served, or in another order")
@@ -1073,7 +1081,7 @@ def section_breakdown(bench: Bench) -> list[dict[str, Any]]:
     constructor = fast_env_constructor("telecom")
     fresh = iter([constructor() for _ in range(bench.settings.breakdown_repeats + 1)])  # user tools are per env
     renderer = ChatRenderer(bench.tokenizer, view.tools)
-    opening = [{"role": "system", "content": view.system_prompt}, *view.opening, {"role": "user", "content": "Hi."}]
+    opening = first_prompt(view)
     call = ToolCall(id="c", name="get_customer_by_phone", arguments={"phone_number": "555-123-2002"})
     tool_result = env.get_response(call).content
     simulation = SimulationRun(
@@ -1273,15 +1281,8 @@ def section_floor(bench: Bench) -> dict[str, Any]:
     s = bench.settings
     bench.configure(0.0)
 
-    async def play() -> tuple[list[Played], int]:
-        ours = Ours(bench)
-        await ours.play(0)
-        ours.calls.clear()
-        played = [await ours.play(i) for i in range(s.floor_episodes)]
-        await ours.aclose()
-        return played, len(ours.calls)
-
-    played, requests = asyncio.run(play())
+    played, _, calls = asyncio.run(one_at_a_time(bench, s.floor_episodes))
+    requests = len(calls)
     turns = sum(p.result.turns for p in played)
     verdict_s = 0.0
     for p in played:
@@ -1306,8 +1307,7 @@ def section_floor(bench: Bench) -> dict[str, Any]:
         verdict_s += statistics.median(samples)
     view_task = bench.tasks[0]
     view = task_view(view_task, build_environment("telecom", view_task, False), EpisodeConfig())
-    opening = [{"role": "system", "content": view.system_prompt}, *view.opening, {"role": "user", "content": "Hi."}]
-    prompt_ids = list(ChatRenderer(bench.tokenizer, view.tools).prompt_ids(opening))
+    prompt_ids = list(ChatRenderer(bench.tokenizer, view.tools).prompt_ids(first_prompt(view)))
     per_30 = 30 / turns
     recipe_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=False))
     minimal_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=True))

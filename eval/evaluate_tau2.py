@@ -861,7 +861,7 @@ def run_baselines(
     log = EpisodeLog(paths["baselines"])
     log.open()
     try:
-        # --overwrite replays baselines of other settings only: the ones of these settings would come out the same.
+        # --overwrite empties this file only when it holds other settings' baselines: these settings' would not change.
         noun = "baseline episode(s)"
         records = records_of_config(log, hashed, hash_value, args.overwrite, noun, "replay them", False)
         done = {

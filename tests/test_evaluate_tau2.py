@@ -508,7 +508,7 @@ def test_baselines_beside_the_result(tmp_path, policy_url, tasks, smollm2_model_
     assert main([*_args(policy_url, output, smollm2_model_dir, [t.id for t in tasks]), "--no-baselines"]) == 0
     assert "baselines" not in json.loads(output.read_text())
 
-    # Baselines of other settings are refused, the file left as it was; --overwrite replays just those.
+    # Baselines of other settings are refused, the file left as it was; --overwrite empties it and replays them all.
     baselines_file = output.with_suffix(".baselines.jsonl")
     stale = [{**r, "config_hash": "0" * 16, "config": {**r["config"], "max_steps": 7}} for r in records[:2]]
     baselines_file.write_text("".join(json.dumps(r) + "\n" for r in stale + records[2:]))
