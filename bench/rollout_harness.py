@@ -128,6 +128,7 @@ class Settings(BaseModel):
     floor_episodes: int = 5  # played one at a time (zero delay); tau2's work per 30 turns is read from them
     floor_requests: int = 2000  # policy requests timed per HTTP client
     floor_concurrency: int = 64
+    floor_user_turns: int = 10  # the user request priced: its state after this many turns (about mid-episode)
 
 
 QUICK = Settings(
@@ -1128,9 +1129,9 @@ def section_breakdown(bench: Bench) -> list[dict[str, Any]]:
     return rows
 
 
-def user_request_at(bench: Bench, task: Any, env: Any, turns: int) -> Any:
-    """A function that adds one message to an LLM user's state at `turns` turns and builds its request, as each of
-    its turns does."""
+def llm_user_at(bench: Bench, task: Any, env: Any, turns: int) -> Any:
+    """An LLM user whose state holds `turns` turns (an agent question, a device check and its result, a reply),
+    its request list built as each of its turns builds it."""
     from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 
     from rollout.engine import user_tools_of
@@ -1146,6 +1147,15 @@ def user_request_at(bench: Bench, task: Any, env: Any, turns: int) -> Any:
             UserMessage(role="user", content="It shows no signal."),
         ]
         user.request_messages()
+    return user
+
+
+def user_request_at(bench: Bench, task: Any, env: Any, turns: int) -> Any:
+    """A function that adds one message to an LLM user's state at `turns` turns and builds its request, as each of
+    its turns does."""
+    from tau2.data_model.message import AssistantMessage
+
+    user = llm_user_at(bench, task, env, turns)
     agent = AssistantMessage(role="assistant", content="Please toggle airplane mode.")
 
     def one() -> None:
@@ -1223,38 +1233,72 @@ class MinimalHttp(asyncio.Protocol):
         return await self.reply
 
 
-async def request_cpu_ms(bench: Bench, prompt_ids: list[int], minimal: bool) -> float:
-    """CPU of this process per policy request (body built, sent, reply read and parsed), `floor_requests` requests
-    `floor_concurrency` at a time, zero endpoint delay: the recipe's client, or MinimalHttp over as many connections."""
+async def request_cpu_ms(bench: Bench, kind: str, payload: Any, minimal: bool) -> float:
+    """CPU of this process per request (body built, sent, reply read and parsed), `floor_requests` requests
+    `floor_concurrency` at a time, zero endpoint delay, through the recipe's client or MinimalHttp over as many
+    connections. `kind` "policy": sglang's /generate, `payload` the prompt as the engine sends it (JsonIds: its JSON
+    text encoded once); "user": the user simulator's chat request, `payload` its (messages, tools)."""
     import orjson
 
     from rollout.clients.policy import _json_body, build_policy_client
+    from rollout.user_sim import UserSimConfig, get_user_client
 
     s = bench.settings
-    params = {"sampling_params": {"temperature": 1.0, "max_new_tokens": 1024}, "return_logprob": True}
+    sampling = {"temperature": 1.0, "max_new_tokens": 1024}
     if minimal:
-        url = bench.doubles.policy_url.split("//", 1)[1]
-        host, port = url.split("/", 1)[0].rsplit(":", 1)
-        head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n".encode()
+        base = bench.doubles.policy_url if kind == "policy" else bench.doubles.user_base_url
+        authority, _, prefix = base.split("//", 1)[1].partition("/")
+        host, port = authority.rsplit(":", 1)
+        path = "/generate" if kind == "policy" else f"/{prefix}/chat/completions"
+        head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n".encode()
         loop = asyncio.get_running_loop()
         free: asyncio.Queue[MinimalHttp] = asyncio.Queue()
         for _ in range(s.floor_concurrency):
             free.put_nowait((await loop.create_connection(MinimalHttp, host, int(port)))[1])
 
+        if kind == "policy":
+
+            def body() -> bytes:
+                return _json_body("input_ids", payload, {"sampling_params": sampling, "return_logprob": True})
+
+            def parse(data: Any) -> None:
+                entries = data["meta_info"]["output_token_logprobs"]
+                [int(e[1]) for e in entries], [float(e[0]) for e in entries]
+
+        else:
+            messages, tools = payload
+
+            def body() -> bytes:
+                request = {"model": USER_MODEL, "messages": messages, "tools": tools, "tool_choice": "auto"}
+                return orjson.dumps(request)
+
+            def parse(data: Any) -> None:
+                data["choices"][0]["message"]["content"]
+
         async def one() -> None:
             conn = await free.get()
-            data = orjson.loads(await conn.post(head, _json_body("input_ids", prompt_ids, params)))
+            parse(orjson.loads(await conn.post(head, body())))
             free.put_nowait(conn)
-            entries = data["meta_info"]["output_token_logprobs"]
-            [int(e[1]) for e in entries], [float(e[0]) for e in entries]
 
     else:
-        client = build_policy_client(bench.doubles.policy_url, api="sglang")
         gate = asyncio.Semaphore(s.floor_concurrency)
+        if kind == "policy":
+            client: Any = build_policy_client(bench.doubles.policy_url, api="sglang")
+
+            async def send() -> Any:
+                return await client.generate(payload, sampling)
+
+        else:
+            config = UserSimConfig(kind="llm", model=USER_MODEL, base_url=bench.doubles.user_base_url)
+            client = get_user_client(config, {})
+            messages, tools = payload
+
+            async def send() -> Any:
+                return await client.complete(messages, tools=tools, tool_choice="auto")
 
         async def one() -> None:
             async with gate:
-                await client.generate(prompt_ids, params["sampling_params"])
+                await send()
 
     await asyncio.gather(*(one() for _ in range(s.floor_concurrency)))  # warm: connections opened
     cpu0 = time.process_time()
@@ -1271,10 +1315,13 @@ async def request_cpu_ms(bench: Bench, prompt_ids: list[int], minimal: bool) -> 
 def section_floor(bench: Bench) -> dict[str, Any]:
     """What 30 policy turns cost before any harness code runs: tau2's verdict and tool calls (timed on episodes
     played one at a time; the verdict re-run alone on each episode's trajectory) and the HTTP requests (per-request
-    CPU of the recipe's client and of MinimalHttp, times the requests the episodes made)."""
+    CPU of the recipe's clients and of MinimalHttp, policy and user requests each priced with their own body, times
+    the requests of each kind the episodes made)."""
+    import orjson
     from tau2.data_model.simulation import SimulationRun
     from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
+    from rollout.clients.policy import JsonIds
     from rollout.engine import EpisodeConfig, build_environment, task_view
     from rollout.token_record import ChatRenderer
 
@@ -1282,7 +1329,7 @@ def section_floor(bench: Bench) -> dict[str, Any]:
     bench.configure(0.0)
 
     played, _, calls = asyncio.run(one_at_a_time(bench, s.floor_episodes))
-    requests = len(calls)
+    counts = {kind: sum(1 for call in calls if call[0] == kind) for kind in ("policy", "user")}
     turns = sum(p.result.turns for p in played)
     verdict_s = 0.0
     for p in played:
@@ -1306,33 +1353,46 @@ def section_floor(bench: Bench) -> dict[str, Any]:
                 raise RuntimeError(f"tau2's verdict re-run gave {info.reward}, the episode had {r.reward}")
         verdict_s += statistics.median(samples)
     view_task = bench.tasks[0]
-    view = task_view(view_task, build_environment("telecom", view_task, False), EpisodeConfig())
+    env = build_environment("telecom", view_task, False)
+    view = task_view(view_task, env, EpisodeConfig())
     prompt_ids = list(ChatRenderer(bench.tokenizer, view.tools).prompt_ids(first_prompt(view)))
+    # As the engine sends a prompt: its JSON text encoded once (IdsJson), joined into each body.
+    policy_payload = JsonIds((b"[" + orjson.dumps(prompt_ids)[1:-1],), len(prompt_ids))
+    user = llm_user_at(bench, view_task, env, s.floor_user_turns)
+    user_payload = (user.request_messages(), user.tools)
+    payloads = {"policy": policy_payload, "user": user_payload}
     per_30 = 30 / turns
-    recipe_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=False))
-    minimal_ms = asyncio.run(request_cpu_ms(bench, prompt_ids, minimal=True))
+    tau2_ms = 1000 * per_30 * (verdict_s + sum(p.result.env_s for p in played))
+
+    def priced(run: Any) -> dict[str, Any]:
+        """Per-request CPU of each kind and client under `run` (asyncio.run or uvloop.run), and the two floors."""
+        ms = {
+            f"{kind}_{client}_ms": run(request_cpu_ms(bench, kind, payloads[kind], client == "minimal"))
+            for kind in ("policy", "user")
+            for client in ("recipe", "minimal")
+        }
+        for client in ("recipe", "minimal"):
+            requests_ms = sum(per_30 * counts[kind] * ms[f"{kind}_{client}_ms"] for kind in ("policy", "user"))
+            ms[f"floor_{client}_client_ms"] = tau2_ms + requests_ms
+        return ms
+
     on_uvloop = None
     with contextlib.suppress(ImportError):  # measured where uvloop is installed; the recipe does not need it
         import uvloop
 
-        on_uvloop = {
-            "recipe_request_ms": uvloop.run(request_cpu_ms(bench, prompt_ids, minimal=False)),
-            "minimal_request_ms": uvloop.run(request_cpu_ms(bench, prompt_ids, minimal=True)),
-        }
-    tau2_ms = 1000 * per_30 * (verdict_s + sum(p.result.env_s for p in played))
+        on_uvloop = priced(uvloop.run)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load": load_line(),
         "episodes": len(played),
         "turns_mean": turns / len(played),
         "prompt_tokens": len(prompt_ids),
-        "requests_per_30_turns": requests * per_30,
+        "user_request_kb": len(orjson.dumps({"messages": user_payload[0], "tools": user_payload[1]})) / 1024,
+        "policy_requests_per_30_turns": counts["policy"] * per_30,
+        "user_requests_per_30_turns": counts["user"] * per_30,
         "verdict_ms_per_30_turns": 1000 * per_30 * verdict_s,
         "tools_ms_per_30_turns": 1000 * per_30 * sum(p.result.env_s for p in played),
-        "recipe_request_ms": recipe_ms,
-        "minimal_request_ms": minimal_ms,
-        "floor_recipe_client_ms": tau2_ms + requests * per_30 * recipe_ms,
-        "floor_minimal_client_ms": tau2_ms + requests * per_30 * minimal_ms,
+        **priced(asyncio.run),
         "uvloop": on_uvloop,
     }
 
@@ -1641,45 +1701,57 @@ def render(results: dict[str, Any]) -> str:
 
 def floor_lines(fl: dict[str, Any], s: Settings) -> list[str]:
     target = TARGETS["cpu_ms_per_30_turns"]
-    requests = fl["requests_per_30_turns"]
+    policy, user = fl["policy_requests_per_30_turns"], fl["user_requests_per_30_turns"]
+
+    def requests_row(client: str, label: str, ms: dict[str, Any]) -> str:
+        p_ms, u_ms = ms[f"policy_{client}_ms"], ms[f"user_{client}_ms"]
+        return (
+            f"| {policy:.0f} policy + {user:.0f} user requests, {label} ({fmt(p_ms, 3)} + {fmt(u_ms, 3)} ms each) | "
+            f"{fmt(policy * p_ms + user * u_ms)} |"
+        )
+
     lines = [
         f"## 8. A floor under the CPU target ({target:g} ms per 30 turns)",
         "",
         f"Measured {fl['date']} (load {fl['load']}). {fl['episodes']} bench episodes ({fl['turns_mean']:.0f} policy "
         "turns on average) played one at a time with zero delay; tau2's verdict re-run alone on each trajectory "
-        f"(CPU, median of 3), tau2's tool calls as the engine timed them; {requests:.0f} requests per 30 turns "
-        f"(policy and user). Per-request CPU: {s.floor_requests} policy requests with a {fl['prompt_tokens']}-token "
-        f"prompt, {s.floor_concurrency} at a time, zero delay, body built, sent, reply read and parsed, applied to "
-        "every request. `MinimalHttp` (bench/rollout_harness.py) is a bare HTTP/1.1 client (one write, Content-Length "
-        "reads, no retries or timeouts): the price of a request in any Python client.",
+        f"(CPU, median of 3), tau2's tool calls as the engine timed them; per 30 turns {policy:.0f} policy and "
+        f"{user:.0f} user requests. Per-request CPU ({s.floor_requests} requests of each kind, "
+        f"{s.floor_concurrency} at a time, zero delay: body built, sent, reply read and parsed): policy requests "
+        f"with a {fl['prompt_tokens']}-token prompt sent as the engine sends it (its JSON text encoded once and "
+        f"joined into each body), user requests with the user simulator's request after {s.floor_user_turns} turns "
+        f"({fmt(fl['user_request_kb'], 0)} KB of JSON: its system prompt, the conversation and its tools). "
+        "`MinimalHttp` (bench/rollout_harness.py) is a bare HTTP/1.1 client (one write, Content-Length reads, no "
+        "retries or timeouts): the price of a request in any Python client.",
         "",
         "| part | ms per 30 turns |",
         "|---|---|",
         f"| tau2's verdict (`evaluate_simulation`) | {fmt(fl['verdict_ms_per_30_turns'])} |",
         f"| tau2's tool calls (`Environment.get_response`) | {fmt(fl['tools_ms_per_30_turns'])} |",
-        f"| {requests:.0f} requests, the recipe's client (aiohttp, {fmt(fl['recipe_request_ms'], 3)} ms each) | "
-        f"{fmt(requests * fl['recipe_request_ms'])} |",
-        f"| {requests:.0f} requests, `MinimalHttp` ({fmt(fl['minimal_request_ms'], 3)} ms each) | "
-        f"{fmt(requests * fl['minimal_request_ms'])} |",
-        f"| **floor: tau2 + requests, the recipe's client** | **{fmt(fl['floor_recipe_client_ms'])}** |",
+        requests_row("recipe", "the recipe's clients (aiohttp)", fl),
+        requests_row("minimal", "`MinimalHttp`", fl),
+        f"| **floor: tau2 + requests, the recipe's clients** | **{fmt(fl['floor_recipe_client_ms'])}** |",
         f"| **floor: tau2 + requests, `MinimalHttp`** | **{fmt(fl['floor_minimal_client_ms'])}** |",
         "",
     ]
     uv = fl.get("uvloop")
     if uv:
-        tau2_ms = fl["verdict_ms_per_30_turns"] + fl["tools_ms_per_30_turns"]
-        lines.append(
-            "On uvloop (installed where this ran; the recipe does not depend on it): the recipe's client "
-            f"{fmt(uv['recipe_request_ms'], 3)} ms a request, `MinimalHttp` {fmt(uv['minimal_request_ms'], 3)} ms; "
-            f"the floor with `MinimalHttp` on uvloop: {fmt(tau2_ms + requests * uv['minimal_request_ms'])} ms per "
-            "30 turns."
-        )
+        lines += [
+            "On uvloop (installed where this ran; the recipe does not depend on it):",
+            "",
+            "| part | ms per 30 turns |",
+            "|---|---|",
+            requests_row("recipe", "the recipe's clients", uv),
+            requests_row("minimal", "`MinimalHttp`", uv),
+            f"| **floor, the recipe's clients** | **{fmt(uv['floor_recipe_client_ms'])}** |",
+            f"| **floor, `MinimalHttp`** | **{fmt(uv['floor_minimal_client_ms'])}** |",
+        ]
     else:
         lines.append("uvloop is not installed here: no uvloop figures.")
     lines += [
         "",
-        "Nothing else of an episode is in the floor: no template glue, no request building for the user simulator, "
-        "no tau2 message objects, no event loop beyond these requests, no partial credit.",
+        "Nothing else of an episode is in the floor: no template glue, no building of the user simulator's message "
+        "list, no tau2 message objects, no event loop beyond these requests, no partial credit.",
         "",
     ]
     return lines

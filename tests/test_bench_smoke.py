@@ -107,12 +107,16 @@ def test_quick_run_writes_every_section_with_sane_numbers(tmp_path):
 
     assert all(_positive(row["ms"]) for row in results["breakdown"])
     floor = results["floor"]
-    assert floor["episodes"] == 2 and _positive(floor["requests_per_30_turns"]) and floor["prompt_tokens"] > 1000
-    for key in ("verdict_ms_per_30_turns", "tools_ms_per_30_turns", "recipe_request_ms", "minimal_request_ms"):
+    assert floor["episodes"] == 2 and floor["prompt_tokens"] > 1000 and floor["user_request_kb"] > 1
+    assert _positive(floor["policy_requests_per_30_turns"]) and _positive(floor["user_requests_per_30_turns"])
+    priced = [f"{kind}_{client}_ms" for kind in ("policy", "user") for client in ("recipe", "minimal")]
+    for key in ("verdict_ms_per_30_turns", "tools_ms_per_30_turns", *priced):
         assert _positive(floor[key]), key
     tau2_ms = floor["verdict_ms_per_30_turns"] + floor["tools_ms_per_30_turns"]
     for client in ("recipe", "minimal"):
-        expected = tau2_ms + floor["requests_per_30_turns"] * floor[f"{client}_request_ms"]
+        expected = tau2_ms + sum(
+            floor[f"{kind}_requests_per_30_turns"] * floor[f"{kind}_{client}_ms"] for kind in ("policy", "user")
+        )
         assert math.isclose(floor[f"floor_{client}_client_ms"], expected, rel_tol=1e-9), client
     assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
     assert results["meta"]["cores"] >= 1 and results["meta"]["load_before"]
